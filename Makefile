@@ -1,0 +1,30 @@
+# atlasd developer commands. `make test` is what .ci/run calls.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install test demo bench bench-intake bench-trainer clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+install: $(PY)
+	$(PIP) install -e '.[test]'
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/atlasd demo
+
+bench-intake: install
+	$(PY) -m bench.intake
+
+bench-trainer: install
+	$(PY) -m bench.trainer
+
+bench: bench-intake bench-trainer
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from atlasd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The run spec: the only contract between the daemon and the training child.
+
+The daemon writes ``RunSpec`` as JSON (``run_spec.json`` in the run's output dir) and starts
+``python -m trainers run SPEC.json``; the child writes ``result.json`` (``RunResult``) at the end.
+The gear-setting models here are also what policy files embed (``atlasd.policies``), so a
+policy field and a run-spec field are one definition. This module imports pydantic only.
+
+Secrets: the spec carries no database password. The child reads the Atlas database URL from
+``traces.db_url`` if set, else from the ``ATLASD_DB_URL`` environment variable it inherits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SPEC_VERSION = 1
+
+# exit codes of `python -m trainers run`
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_SPEC = 2
+EXIT_INTERRUPTED = 75  # SIGTERM: checkpoint saved, resumable (EX_TEMPFAIL)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GKDSettings(_Strict):
+    """On-policy distillation settings. Defaults are the reference fast gear (GKD_NOTES.md)."""
+
+    lmbda: float = Field(1.0, ge=0, le=1, description="Probability that the student samples the completion.")
+    beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD mixture: 0 forward KL, 1 reverse KL.")
+    temperature: float = Field(0.9, gt=0, le=5, description="Student sampling temperature.")
+    max_new_tokens: int = Field(256, gt=0, le=32768)
+    seq_kd: bool = Field(False, description="Use teacher-generated completions (sequence-level KD).")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class OptimSettings(_Strict):
+    """Optimiser and schedule. Defaults are the reference fast gear."""
+
+    learning_rate: float = Field(2e-5, gt=0, le=1)
+    per_device_train_batch_size: int = Field(2, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    max_steps: int | None = Field(500, gt=0, description="Optimizer steps; exclusive with num_train_epochs.")
+    num_train_epochs: float | None = Field(None, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_length: int = Field(2048, gt=8, description="Prompt + completion tokens; prompts are cut, keeping the system message.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    logging_steps: int = Field(1, gt=0)
+    seed: int = 42
+    lora: LoraSettings | None = None
+    generation_backend: Literal["hf", "vllm"] = "hf"
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> OptimSettings:
+        if (self.max_steps is None) == (self.num_train_epochs is None):
+            raise ValueError("set exactly one of max_steps and num_train_epochs")
+        return self
+
+
+class EvalSpec(_Strict):
+    judge: str = Field("numeric", description="Judge name from the `atlasd.judges` entry-point group.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of sessions in the frozen eval split.")
+    max_samples: int = Field(200, gt=0, description="Cap on eval sessions (the same ones each run).")
+    max_new_tokens: int = Field(256, gt=0)
+    split_salt: str = Field("", description="Changes which sessions the frozen split holds; default: policy name.")
+
+
+class Targets(_Strict):
+    """Promotion targets, as Atlas Core defines them, with its thresholds as defaults."""
+
+    baseline_success: float | None = Field(None, ge=0, le=1)
+    baseline_tokens: float | None = Field(None, gt=0)
+    min_success_delta: float = Field(0.10, ge=-1, le=1)
+    min_token_reduction_pct: float = Field(30.0, le=100)
+    must_beat_champion: bool = True
+
+
+class TraceSelection(_Strict):
+    db_url: str | None = Field(None, description="Atlas DB URL; default $ATLASD_DB_URL. Never logged.")
+    learning_key: str | None = Field(None, description="Only sessions of this task family; None: all.")
+    min_reward: float = Field(0.8, ge=0, le=1)
+    max_age_days: float | None = Field(None, gt=0)
+    window_lo: int = Field(0, ge=0, description="Intake seq range (lo, hi] of new traces.")
+    window_hi: int = Field(..., ge=0)
+    rehearsal_fraction: float = Field(0.1, ge=0, lt=1, description="Share of older approved traces mixed in.")
+    rehearsal_seed: int = 0
+
+    @model_validator(mode="after")
+    def _window(self) -> TraceSelection:
+        if self.window_hi < self.window_lo:
+            raise ValueError(f"window_hi ({self.window_hi}) < window_lo ({self.window_lo})")
+        return self
+
+    def resolved_db_url(self) -> str:
+        url = self.db_url or os.environ.get("ATLASD_DB_URL")
+        if not url:
+            raise ValueError("no database URL: set traces.db_url in the spec or ATLASD_DB_URL")
+        return url
+
+
+class MlflowTarget(_Strict):
+    tracking_uri: str
+    experiment: str
+    registered_model: str
+
+
+class RunSpec(_Strict):
+    spec_version: int = SPEC_VERSION
+    run_id: int = Field(..., ge=1, description="atlasd.runs id")
+    policy: str
+    gear: str
+    trigger: Literal["batch", "cron", "catch-up", "manual", "retry", "resume"] = "manual"
+    teacher: str = Field(..., description="Teacher model: local path or hub id.")
+    student: str = Field(..., description="Student to start from: the champion's checkpoint or the base student.")
+    base_student: str = Field(..., description="The policy's base student (for reference and baseline eval).")
+    champion_version: str | None = Field(None, description="Registry version the student comes from, if any.")
+    traces: TraceSelection
+    gkd: GKDSettings = GKDSettings()
+    optim: OptimSettings = OptimSettings()
+    eval: EvalSpec = EvalSpec()
+    targets: Targets = Targets()
+    output_dir: Path
+    mlflow: MlflowTarget | None = None
+    resume: bool = Field(False, description="Continue from the last checkpoint in output_dir.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSpec:
+        return cls.model_validate_json(Path(path).read_text())
+
+    def dump(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+        return path
+
+    def config_hash(self) -> str:
+        """Hash of what determines the model (settings, models, trace filters), not of run ids or paths."""
+        data = self.model_dump(
+            mode="json",
+            include={"policy", "gear", "teacher", "base_student", "gkd", "optim", "eval", "targets"},
+        )
+        data["traces"] = self.traces.model_dump(mode="json", include={"learning_key", "min_reward", "max_age_days", "rehearsal_fraction"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TargetCheck(_Strict):
+    name: str
+    value: float | None
+    threshold: float | None
+    met: bool
+    reason: str = ""
+
+
+class EvalReport(_Strict):
+    """What `python -m trainers eval` reports for one checkpoint on the frozen split."""
+
+    model: str
+    eval_set_hash: str = Field(..., description="Hash of the eval session ids: equal hash, comparable metrics.")
+    n_samples: int
+    success_rate: float
+    avg_tokens: float
+    reverse_kl: float | None = None
+    samples_path: str | None = None
+
+
+class BaselineSummary(_Strict):
+    success_delta: float | None
+    token_reduction_pct: float | None
+    meets_success_target: bool
+    meets_token_target: bool | None
+    meets_all_targets: bool
+    checks: list[TargetCheck] = []
+
+
+class RunResult(_Strict):
+    run_id: int
+    status: Literal["succeeded", "failed", "interrupted"]
+    checkpoint: str | None = None
+    steps: int = 0
+    n_train: int = 0
+    n_eval: int = 0
+    skipped: dict[str, int] = Field(default_factory=dict, description="Sessions dropped, by reason.")
+    train_metrics: dict[str, float] = Field(default_factory=dict)
+    eval: EvalReport | None = None
+    baseline: BaselineSummary | None = None
+    wall_time_s: float = 0.0
+    error: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunResult:
+        return cls.model_validate_json(Path(path).read_text())
+
+    def dump(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)
+        return path

@@ -1,0 +1,125 @@
+"""Daemon settings: environment variables prefixed ``ATLASD_``, an optional env file and an
+optional TOML file (``ATLASD_CONFIG``), in that order of precedence (env wins).
+
+Secrets: ``db_url`` may carry a password. Use :func:`redact_url` whenever a URL is shown;
+``Settings.__repr__`` never shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)")
+_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact_url(text: str | None) -> str:
+    """Hide passwords in URLs (``scheme://user:pw@host``) and libpq key=value strings."""
+    if not text:
+        return ""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['pre']}***{m['at']}", text)
+    return _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
+
+
+def _default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    return Path.home() / ".local" / "state" / "atlasd"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ATLASD_",
+        env_file=os.environ.get("ATLASD_ENV_FILE"),
+        extra="ignore",
+    )
+
+    db_url: SecretStr = Field(
+        default=SecretStr("postgresql://postgres@127.0.0.1:5432/atlas"),
+        description="libpq URL of the Atlas database (the SDK's tables and atlasd's schema).",
+    )
+    policies_dir: Path = Field(default=Path("policies"), description="Folder of policy YAML files.")
+    state_dir: Path = Field(default_factory=_default_state_dir, description="Runs, checkpoints, MLflow sqlite.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default sqlite:///<state_dir>/mlflow.db."
+    )
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+
+    # intake
+    poll_interval_s: float = Field(default=30.0, gt=0, description="Slow reconcile poll, whatever NOTIFY says.")
+    notify_timeout_s: float = Field(default=5.0, gt=0, description="Listener wait per notifies() call.")
+    reconnect_max_backoff_s: float = Field(default=30.0, gt=0)
+    intake_batch_size: int = Field(default=5000, gt=0, description="Sessions copied per reconcile transaction.")
+    lock_wait: bool = Field(default=False, description="Wait for the per-database lock instead of exiting.")
+
+    @field_validator("db_url")
+    @classmethod
+    def _check_db_url(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not raw.startswith(("postgresql://", "postgres://")) and "=" not in raw:
+            raise ValueError(f"ATLASD_DB_URL must be a postgresql:// URL or a libpq conninfo, got {redact_url(raw)!r}")
+        return value
+
+    @property
+    def dsn(self) -> str:
+        """The real connection string (with password): pass it to libpq, never log it."""
+        return self.db_url.get_secret_value()
+
+    @property
+    def dsn_redacted(self) -> str:
+        return redact_url(self.dsn)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.state_dir.resolve() / 'mlflow.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml_path = os.environ.get("ATLASD_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as shown to operators and logs: no secrets."""
+        data = self.model_dump(mode="json")
+        data["db_url"] = self.dsn_redacted
+        if data.get("mlflow_tracking_uri"):
+            data["mlflow_tracking_uri"] = redact_url(data["mlflow_tracking_uri"])
+        return data
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names each field and never echoes a secret."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load settings; a validation error names the field (and never echoes a password)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_input=False, include_url=False):
+            field = "ATLASD_" + "_".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"{field}: {redact_url(err['msg'])}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+from atlasd.db.migrate import init_sdk_schema, migrate  # noqa: E402
+from tests import pg  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A template database with the SDK stand-in schema and all atlasd migrations."""
+    name = pg.create_database("atlasd_tmpl")
+    url = pg.url_for(name)
+    init_sdk_schema(url)
+    migrate(url)
+    yield name
+    pg.drop_database(name)
+
+
+@pytest.fixture()
+def db_url(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database for one test (a copy of the template)."""
+    name = pg.create_database(template=pg_template)
+    yield pg.url_for(name)
+    pg.drop_database(name)
+
+
+@pytest.fixture()
+def bare_db_url() -> Iterator[str]:
+    """An empty database: no SDK tables, no atlasd schema."""
+    name = pg.create_database("atlasd_bare")
+    yield pg.url_for(name)
+    pg.drop_database(name)
