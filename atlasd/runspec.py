@@ -203,6 +203,9 @@ class RunResult(_Strict):
     n_eval: int = 0
     skipped: dict[str, int] = Field(default_factory=dict, description="Sessions dropped, by reason.")
     train_metrics: dict[str, float] = Field(default_factory=dict)
+    eval_start: EvalReport | None = Field(
+        None, description="The starting student (the champion, if any) on the same frozen eval set."
+    )
     eval: EvalReport | None = None
     baseline: BaselineSummary | None = None
     wall_time_s: float = 0.0
