@@ -1,0 +1,190 @@
+"""The intake reconciler: copies ready sessions into ``atlasd.intake``, each exactly once.
+
+A session is *ready* when ``review_status = 'approved' AND status = 'succeeded'`` (whichever
+became true last). The tables are the truth and NOTIFY only a hint, so there are two paths:
+
+* targeted: the listener's payload named some ids; look up only those, by primary key;
+* full: an anti-join of every ready session not yet in the intake (at start, after each
+  listener reconnect, on a ``'*'`` payload and on the slow poll).
+
+There is no id watermark, so a session whose id commits out of order cannot be skipped. Every
+insert is ``ON CONFLICT DO NOTHING`` on the session id, so duplicates are harmless. The
+extraction of learning key and reward, and the classification of malformed rows, happen in SQL
+(a 100k burst is a few statements). Transactions are short: the SDK locks ``sessions`` on connect.
+
+Un-approval: a recorded session that stops being ready (quarantined, back to pending, no longer
+succeeded, deleted) gets ``revoked_at``; it is cleared if the session becomes ready again. A
+revoked row stays counted (cadence counts never go backwards) but training windows exclude it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+READY = "s.review_status = 'approved' AND s.status = 'succeeded'"
+
+# Why a ready session cannot be trained on; NULL when it is usable. CASE evaluates in order, so
+# the numeric casts only ever see JSON numbers (a huge number cannot overflow float8 either).
+_MALFORMED = """CASE
+    WHEN s.metadata IS NULL OR jsonb_typeof(s.metadata) <> 'object' THEN 'metadata is not a JSON object'
+    WHEN jsonb_typeof(s.metadata -> 'learning_key') IS DISTINCT FROM 'string'
+        THEN 'metadata.learning_key is missing or not a string'
+    WHEN s.reward_stats IS NULL OR jsonb_typeof(s.reward_stats) <> 'object'
+        THEN 'reward_stats is missing or not a JSON object'
+    WHEN jsonb_typeof(s.reward_stats -> 'score') IS DISTINCT FROM 'number'
+        THEN 'reward_stats.score is missing or not a JSON number'
+    WHEN NOT ((s.reward_stats -> 'score')::numeric BETWEEN 0 AND 1) THEN 'reward_stats.score is outside [0, 1]'
+END"""
+
+_INSERT = sql.SQL(
+    """WITH ready AS (
+        SELECT s.id, s.created_at,
+               CASE WHEN jsonb_typeof(s.metadata -> 'learning_key') = 'string'
+                    THEN s.metadata ->> 'learning_key' END AS learning_key,
+               {malformed} AS malformed,
+               s.reward_stats
+          FROM public.sessions s
+         WHERE {ready} AND {filter}
+           AND NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id)
+         LIMIT %(limit)s
+    ), ins AS (
+        INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed)
+        SELECT id, learning_key,
+               CASE WHEN malformed IS NULL THEN (reward_stats ->> 'score')::double precision END,
+               created_at, malformed
+          FROM ready ORDER BY id
+        ON CONFLICT (session_id) DO NOTHING
+        RETURNING session_id, malformed
+    )
+    SELECT (SELECT count(*) FROM ready),
+           coalesce(sum(n), 0)::bigint,
+           coalesce(jsonb_object_agg(malformed, n) FILTER (WHERE malformed IS NOT NULL), '{{}}'),
+           coalesce(jsonb_object_agg(malformed, first_id) FILTER (WHERE malformed IS NOT NULL), '{{}}')
+      FROM (SELECT malformed, count(*) AS n, min(session_id) AS first_id FROM ins GROUP BY malformed) g"""
+)
+
+# revoke rows whose session is no longer ready; restore revoked rows whose session is ready again
+_REVOKE = sql.SQL(
+    """UPDATE atlasd.intake i SET revoked_at = now()
+        WHERE i.revoked_at IS NULL AND {filter}
+          AND NOT EXISTS (SELECT 1 FROM public.sessions s WHERE s.id = i.session_id AND {ready})"""
+)
+_RESTORE = sql.SQL(
+    """UPDATE atlasd.intake i SET revoked_at = NULL
+         FROM public.sessions s
+        WHERE i.revoked_at IS NOT NULL AND {filter} AND s.id = i.session_id AND {ready}"""
+)
+
+
+@dataclass
+class IntakeResult:
+    recorded: int = 0  # usable sessions newly recorded
+    malformed: int = 0  # malformed sessions newly recorded
+    revoked: int = 0
+    restored: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # malformed reason -> count
+    examples: dict[str, int] = field(default_factory=dict)  # malformed reason -> one session id
+
+    def add(self, other: IntakeResult) -> None:
+        self.recorded += other.recorded
+        self.malformed += other.malformed
+        self.revoked += other.revoked
+        self.restored += other.restored
+        for reason, n in other.reasons.items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
+            self.examples.setdefault(reason, other.examples[reason])
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.recorded or self.malformed or self.revoked or self.restored)
+
+
+def parse_payload(payload: str) -> set[int] | None:
+    """A NOTIFY payload as id hints: a set of ids, or None for "look at everything" ('*', empty
+    or anything unparsable: a hint we cannot read must not hide work)."""
+    try:
+        ids = {int(part) for part in payload.split(",")}
+    except ValueError:
+        return None
+    return ids or None
+
+
+async def reconcile(conn: psycopg.AsyncConnection, ids: Iterable[int] | None, batch_size: int) -> IntakeResult:
+    """Record ready sessions. ``ids=None``: every ready session not yet recorded (full);
+    otherwise only those ids (targeted). Each batch is its own short transaction."""
+    result = IntakeResult()
+    if ids is None:
+        while True:
+            batch, selected = await _insert_batch(conn, sql.SQL("true"), {}, batch_size)
+            result.add(batch)
+            if selected < batch_size:  # fewer unrecorded ready sessions than the limit: done
+                break
+        result.add(await _revocations(conn, sql.SQL("true"), {}))
+        return result
+    wanted = sorted(set(ids))
+    for start in range(0, len(wanted), batch_size):
+        chunk = {"ids": wanted[start : start + batch_size]}
+        batch, _ = await _insert_batch(conn, sql.SQL("s.id = ANY(%(ids)s)"), chunk, batch_size)
+        result.add(batch)
+        result.add(await _revocations(conn, sql.SQL("i.session_id = ANY(%(ids)s)"), chunk))
+    return result
+
+
+async def _insert_batch(
+    conn: psycopg.AsyncConnection, where: sql.Composable, params: dict, limit: int
+) -> tuple[IntakeResult, int]:
+    """One transaction: insert up to ``limit`` ready, unrecorded sessions; also return how many were selected."""
+    query = _INSERT.format(malformed=sql.SQL(_MALFORMED), ready=sql.SQL(READY), filter=where)
+    async with conn.transaction():
+        cur = await conn.execute(query, {**params, "limit": limit})
+        selected, inserted, reasons, examples = await cur.fetchone()
+    malformed = sum(reasons.values())
+    batch = IntakeResult(recorded=inserted - malformed, malformed=malformed, reasons=reasons, examples=examples)
+    return batch, selected
+
+
+async def _revocations(conn: psycopg.AsyncConnection, where: sql.Composable, params: dict) -> IntakeResult:
+    async with conn.transaction():
+        revoked = await conn.execute(_REVOKE.format(filter=where, ready=sql.SQL(READY)), params)
+        restored = await conn.execute(_RESTORE.format(filter=where, ready=sql.SQL(READY)), params)
+    return IntakeResult(revoked=revoked.rowcount, restored=restored.rowcount)
+
+
+class Wakeup:
+    """Coalesced reconcile requests: id hints accumulate until the reconciler takes them; a
+    request for everything (None) absorbs them. Too many hints become a full reconcile."""
+
+    def __init__(self, max_ids: int) -> None:
+        self._max_ids = max_ids
+        self._event = asyncio.Event()
+        self._full = False
+        self._ids: set[int] = set()
+
+    def request(self, ids: Iterable[int] | None = None) -> None:
+        if ids is None:
+            self._full = True
+        else:
+            self._ids.update(ids)
+            if len(self._ids) > self._max_ids:
+                self._full = True
+        self._event.set()
+
+    async def wait(self, timeout: float) -> set[int] | None:
+        """Wait for a request (or ``timeout``: the slow poll, a full reconcile) and take it:
+        the ids to look at, or None for everything."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            self._full = True
+        return self.take()
+
+    def take(self) -> set[int] | None:
+        full, ids = self._full, self._ids
+        self._full, self._ids = False, set()
+        self._event.clear()
+        return None if full else ids
