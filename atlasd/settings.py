@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     intake_batch_size: int = Field(default=5000, gt=0, description="Sessions copied per reconcile transaction.")
     lock_wait: bool = Field(default=False, description="Wait for the per-database lock instead of exiting.")
 
+    # cadence
+    catchup_window_s: float = Field(
+        default=86400.0, ge=0, description="A cron tick missed while down runs once at start if this recent (s)."
+    )
+
     @field_validator("db_url")
     @classmethod
     def _check_db_url(cls, value: SecretStr) -> SecretStr:

@@ -1,0 +1,348 @@
+"""The run queue (``atlasd.runs``): one GPU slot, runs claimed in priority order.
+
+States: ``queued -> running -> succeeded | failed | interrupted``; ``queued | running -> cancelled``.
+The database enforces at most one ``running`` row (partial unique index ``runs_one_running``)
+and at most one queued batch-triggered run per policy and gear (``runs_one_queued_batch``), so
+no race between callers can break either rule.
+
+Every function takes a ``psycopg.AsyncConnection`` and runs in its own transaction (a savepoint
+when the caller already has one open). The daemon's runner calls them from its asyncio loop;
+CLI commands call them through ``asyncio.run``. Times are the database's ``now()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel
+
+State = Literal["queued", "running", "succeeded", "failed", "interrupted", "cancelled"]
+TriggerSource = Literal["batch", "cron", "catch-up", "manual", "retry", "resume"]
+STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "interrupted", "cancelled")
+FINAL_STATES = frozenset({"succeeded", "failed", "interrupted", "cancelled"})
+
+
+class Run(BaseModel):
+    """One row of ``atlasd.runs``."""
+
+    id: int
+    policy: str
+    gear: str
+    state: State
+    trigger: TriggerSource
+    priority: int
+    window_lo: int
+    window_hi: int
+    n_traces: int
+    coalesced: int
+    scheduled_for: datetime | None
+    attempt: int
+    parent_run_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    pid: int | None
+    pgid: int | None
+    host: str | None
+    output_dir: str | None
+    spec: dict[str, Any] | None
+    champion_version: str | None
+    metrics: dict[str, Any] | None
+    result: dict[str, Any] | None
+    exit_code: int | None
+    error: str | None
+    cancel_requested_at: datetime | None
+    model_version: str | None
+    registered_at: datetime | None
+
+
+class QueueError(ValueError):
+    """A queue operation that does not apply to this run (unknown id, wrong state); safe to show."""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    run: Run
+    coalesced: bool  # True: an existing queued run was widened instead of adding one
+
+
+_COLUMNS = ", ".join(Run.model_fields)
+
+# A queued batch-triggered run of the same gear absorbs the new window (fast-gear coalescing).
+_WIDEN = f"""
+UPDATE atlasd.runs
+   SET window_hi = GREATEST(window_hi, %(window_hi)s), n_traces = n_traces + %(n_traces)s, coalesced = coalesced + 1
+ WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch'
+RETURNING {_COLUMNS}"""
+
+_INSERT = f"""
+INSERT INTO atlasd.runs (policy, gear, trigger, priority, window_lo, window_hi, n_traces, scheduled_for)
+VALUES (%(policy)s, %(gear)s, %(trigger)s, %(priority)s, %(window_lo)s, %(window_hi)s, %(n_traces)s,
+        %(scheduled_for)s)
+RETURNING {_COLUMNS}"""
+
+_FOLLOWUP = f"""
+INSERT INTO atlasd.runs (policy, gear, trigger, priority, window_lo, window_hi, n_traces, scheduled_for,
+                         attempt, parent_run_id)
+SELECT policy, gear, %(trigger)s, priority, window_lo, window_hi, n_traces, scheduled_for, attempt + 1, id
+  FROM atlasd.runs WHERE id = %(id)s AND state IN ('failed', 'interrupted')
+RETURNING {_COLUMNS}"""
+
+# Highest priority first, then oldest; SKIP LOCKED lets concurrent claimers pass each other, and
+# the unique index turns a second concurrent claim into a UniqueViolation (caught: None).
+_CLAIM = f"""
+UPDATE atlasd.runs
+   SET state = 'running', started_at = now(), heartbeat_at = now()
+ WHERE state = 'queued' AND id = (
+       SELECT id FROM atlasd.runs
+        WHERE state = 'queued' AND NOT EXISTS (SELECT 1 FROM atlasd.runs r WHERE r.state = 'running')
+        ORDER BY priority DESC, id
+        LIMIT 1
+          FOR UPDATE SKIP LOCKED)
+RETURNING {_COLUMNS}"""
+
+_RECORD_PROCESS = f"""
+UPDATE atlasd.runs
+   SET pid = %(pid)s, pgid = %(pgid)s, host = %(host)s, output_dir = %(output_dir)s,
+       spec = COALESCE(%(spec)s, spec), champion_version = COALESCE(%(champion_version)s, champion_version),
+       heartbeat_at = now()
+ WHERE id = %(id)s AND state = 'running'
+RETURNING {_COLUMNS}"""
+
+_HEARTBEAT = f"""
+UPDATE atlasd.runs SET heartbeat_at = now(), metrics = COALESCE(%(metrics)s, metrics)
+ WHERE id = %(id)s AND state = 'running'
+RETURNING {_COLUMNS}"""
+
+_FINISH = f"""
+UPDATE atlasd.runs
+   SET state = %(state)s, finished_at = now(), error = %(error)s,
+       result = COALESCE(%(result)s, result), exit_code = COALESCE(%(exit_code)s, exit_code)
+ WHERE id = %(id)s AND state = ANY(%(from_states)s)
+RETURNING {_COLUMNS}"""
+
+_REQUEST_CANCEL = f"""
+UPDATE atlasd.runs SET cancel_requested_at = COALESCE(cancel_requested_at, now())
+ WHERE id = %(id)s AND state = 'running'
+RETURNING {_COLUMNS}"""
+
+_GET = f"SELECT {_COLUMNS} FROM atlasd.runs WHERE id = %(id)s"
+
+_LIST = f"""
+SELECT {_COLUMNS} FROM atlasd.runs
+ WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s))
+   AND (%(policy)s::text IS NULL OR policy = %(policy)s)
+ ORDER BY id DESC
+ LIMIT %(limit)s"""
+
+_COUNTS = "SELECT state, count(*) FROM atlasd.runs GROUP BY state"
+
+
+async def _one(conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any]) -> Run | None:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql, params)
+        row = await cur.fetchone()
+    return Run(**row) if row else None
+
+
+def _json(value: Any) -> Jsonb | None:
+    if value is None:
+        return None
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return Jsonb(value)
+
+
+async def enqueue(
+    conn: psycopg.AsyncConnection,
+    *,
+    policy: str,
+    gear: str,
+    trigger: TriggerSource,
+    window_lo: int,
+    window_hi: int,
+    n_traces: int,
+    priority: int,
+    coalesce: bool = False,
+    scheduled_for: datetime | None = None,
+) -> Enqueued:
+    """Queue a run of ``policy``/``gear`` over the trace window (window_lo, window_hi].
+
+    With ``coalesce`` (batch gears), a queued batch-triggered run of the same gear is widened to
+    ``window_hi`` instead (its n_traces grows, ``coalesced`` counts the merge); cron runs are
+    queued with ``coalesce=False`` and so are never merged or dropped.
+    """
+    params = {
+        "policy": policy,
+        "gear": gear,
+        "trigger": trigger,
+        "priority": priority,
+        "window_lo": window_lo,
+        "window_hi": window_hi,
+        "n_traces": n_traces,
+        "scheduled_for": scheduled_for,
+    }
+    async with conn.transaction():
+        if coalesce:
+            widened = await _one(conn, _WIDEN, params)
+            if widened is not None:
+                return Enqueued(widened, coalesced=True)
+        return Enqueued(await _one(conn, _INSERT, params), coalesced=False)
+
+
+async def enqueue_followup(conn: psycopg.AsyncConnection, run_id: int, trigger: Literal["retry", "resume"]) -> Run:
+    """Queue a retry (same window, from scratch) or a resume (same window, continue from the run's
+    checkpoint; the runner points it at the parent's output_dir) of a failed/interrupted run.
+    The new run has ``attempt = parent.attempt + 1`` and ``parent_run_id``; the caller checks the
+    policy's ``retry.max_retries`` / ``resume_interrupted`` against ``attempt`` first."""
+    async with conn.transaction():
+        run = await _one(conn, _FOLLOWUP, {"id": run_id, "trigger": trigger})
+        if run is None:
+            raise QueueError(await _why_not(conn, run_id, f"queue a {trigger} of", ("failed", "interrupted")))
+    return run
+
+
+async def claim_next(conn: psycopg.AsyncConnection) -> Run | None:
+    """Take the next queued run and mark it running (started_at, heartbeat_at = now). None when
+    nothing is queued or a run is already running (also when another claimer won a race)."""
+    try:
+        async with conn.transaction():
+            return await _one(conn, _CLAIM, {})
+    except psycopg.errors.UniqueViolation:
+        return None
+
+
+async def record_process(
+    conn: psycopg.AsyncConnection,
+    run_id: int,
+    *,
+    pid: int,
+    pgid: int,
+    host: str,
+    output_dir: str,
+    spec: Any = None,
+    champion_version: str | None = None,
+) -> Run:
+    """The runner started the child of a running run: remember where it is and what it runs."""
+    params = {
+        "id": run_id,
+        "pid": pid,
+        "pgid": pgid,
+        "host": host,
+        "output_dir": str(output_dir),
+        "spec": _json(spec),
+        "champion_version": champion_version,
+    }
+    return await _transition(conn, _RECORD_PROCESS, params, run_id, "record the process of", ("running",))
+
+
+async def heartbeat(conn: psycopg.AsyncConnection, run_id: int, metrics: dict[str, Any] | None = None) -> Run:
+    """Refresh heartbeat_at (and the latest metrics). The returned run's ``cancel_requested_at``
+    tells the runner that `atlasd cancel` asked to stop it."""
+    params = {"id": run_id, "metrics": _json(metrics)}
+    return await _transition(conn, _HEARTBEAT, params, run_id, "heartbeat", ("running",))
+
+
+async def mark_succeeded(
+    conn: psycopg.AsyncConnection, run_id: int, *, result: Any = None, exit_code: int | None = 0
+) -> Run:
+    return await _finish(conn, run_id, "succeeded", ("running",), error=None, result=result, exit_code=exit_code)
+
+
+async def mark_failed(
+    conn: psycopg.AsyncConnection, run_id: int, error: str, *, result: Any = None, exit_code: int | None = None
+) -> Run:
+    return await _finish(conn, run_id, "failed", ("running",), error=error, result=result, exit_code=exit_code)
+
+
+async def mark_interrupted(
+    conn: psycopg.AsyncConnection, run_id: int, error: str, *, result: Any = None, exit_code: int | None = None
+) -> Run:
+    return await _finish(conn, run_id, "interrupted", ("running",), error=error, result=result, exit_code=exit_code)
+
+
+async def mark_cancelled(
+    conn: psycopg.AsyncConnection, run_id: int, error: str = "cancelled by the operator", *, exit_code: int | None = None
+) -> Run:
+    """Queued -> cancelled, or running -> cancelled once the runner has stopped the child."""
+    return await _finish(conn, run_id, "cancelled", ("queued", "running"), error=error, result=None, exit_code=exit_code)
+
+
+async def cancel(conn: psycopg.AsyncConnection, run_id: int) -> Run:
+    """`atlasd cancel`: a queued run is cancelled at once; a running one gets ``cancel_requested_at``
+    and the runner stops its child (SIGTERM to the process group) and marks it cancelled."""
+    async with conn.transaction():
+        run = await get_run(conn, run_id)
+        if run is None:
+            raise QueueError(f"no run {run_id}")
+        if run.state == "queued":
+            return await mark_cancelled(conn, run_id)
+        if run.state == "running":
+            return await _transition(conn, _REQUEST_CANCEL, {"id": run_id}, run_id, "cancel", ("running",))
+        raise QueueError(f"run {run_id} is already {run.state}; nothing to cancel")
+
+
+async def get_run(conn: psycopg.AsyncConnection, run_id: int) -> Run | None:
+    return await _one(conn, _GET, {"id": run_id})
+
+
+async def list_runs(
+    conn: psycopg.AsyncConnection, *, states: list[str] | None = None, policy: str | None = None, limit: int = 50
+) -> list[Run]:
+    """Newest first."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_LIST, {"states": states, "policy": policy, "limit": limit})
+        return [Run(**row) for row in await cur.fetchall()]
+
+
+async def counts_by_state(conn: psycopg.AsyncConnection) -> dict[str, int]:
+    """Every state, 0 included."""
+    counts = dict.fromkeys(STATES, 0)
+    async with conn.cursor() as cur:
+        await cur.execute(_COUNTS)
+        counts.update({state: n for state, n in await cur.fetchall()})
+    return counts
+
+
+async def _finish(
+    conn: psycopg.AsyncConnection,
+    run_id: int,
+    state: str,
+    from_states: tuple[str, ...],
+    *,
+    error: str | None,
+    result: Any,
+    exit_code: int | None,
+) -> Run:
+    params = {
+        "id": run_id,
+        "state": state,
+        "from_states": list(from_states),
+        "error": error,
+        "result": _json(result),
+        "exit_code": exit_code,
+    }
+    return await _transition(conn, _FINISH, params, run_id, f"mark {state}", from_states)
+
+
+async def _transition(
+    conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any], run_id: int, action: str, from_states: tuple[str, ...]
+) -> Run:
+    async with conn.transaction():
+        run = await _one(conn, sql, params)
+        if run is None:
+            raise QueueError(await _why_not(conn, run_id, action, from_states))
+    return run
+
+
+async def _why_not(conn: psycopg.AsyncConnection, run_id: int, action: str, from_states: tuple[str, ...]) -> str:
+    run = await get_run(conn, run_id)
+    if run is None:
+        return f"no run {run_id}"
+    return f"cannot {action} run {run_id}: it is {run.state} (needs {' or '.join(from_states)})"
