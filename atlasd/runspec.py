@@ -92,6 +92,36 @@ class Targets(_Strict):
     min_token_reduction_pct: float = Field(30.0, le=100)
     must_beat_champion: bool = True
 
+    def summarize(self, report: EvalReport) -> BaselineSummary:
+        """Compare an eval report with the baseline, with Atlas Core's formulas (ATLAS_SCHEMA.md):
+        ``success_delta = success_rate - baseline_success`` (met when >= min_success_delta),
+        ``token_reduction_pct = (baseline_tokens - avg_tokens) / baseline_tokens * 100`` (met when
+        >= min_token_reduction_pct), ``meets_all`` = success and, if a token baseline exists, tokens.
+        A missing measure (no baseline, empty eval set) is None and never met; unlike Core it is not
+        counted as 100 %. Comparisons allow 1e-9 of float error (0.6 - 0.5 meets 0.10)."""
+        eps = 1e-9
+        empty = report.n_samples == 0
+        delta = None if empty or self.baseline_success is None else report.success_rate - self.baseline_success
+        success = TargetCheck(
+            name="success_delta", value=delta, threshold=self.min_success_delta,
+            met=delta is not None and delta >= self.min_success_delta - eps,
+            reason="empty eval set" if empty else "no baseline_success" if delta is None else "",
+        )
+        checks = [success]
+        reduction, token_met = None, None
+        if self.baseline_tokens is not None:
+            if not empty:
+                reduction = (self.baseline_tokens - report.avg_tokens) / self.baseline_tokens * 100
+            token_met = reduction is not None and reduction >= self.min_token_reduction_pct - eps
+            checks.append(TargetCheck(
+                name="token_reduction_pct", value=reduction, threshold=self.min_token_reduction_pct,
+                met=token_met, reason="empty eval set" if empty else "",
+            ))
+        return BaselineSummary(
+            success_delta=delta, token_reduction_pct=reduction, meets_success_target=success.met,
+            meets_token_target=token_met, meets_all_targets=success.met and token_met is not False, checks=checks,
+        )
+
 
 class TraceSelection(_Strict):
     db_url: str | None = Field(None, description="Atlas DB URL; default $ATLASD_DB_URL. Never logged.")

@@ -1,0 +1,314 @@
+"""`python -m trainers run|validate|eval`: the training child's commands.
+
+``run SPEC.json``: dataset (from Postgres, snapshotted to ``output_dir/data/`` so that a resumed
+run sees exactly the same examples), evaluation of the starting student, GKD training with
+checkpoints, evaluation of the final model, baseline comparison, ``output_dir/result.json``.
+SIGTERM/SIGINT: the current step is abandoned, a checkpoint of the last finished step is saved,
+exit 75 (resume with ``resume: true`` in the spec).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from atlasd.runspec import (
+    EXIT_BAD_SPEC,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EvalReport,
+    RunResult,
+    RunSpec,
+)
+from trainers.telemetry import Telemetry
+
+
+class BadSpec(ValueError):
+    """The spec is invalid or cannot be run as written (exit 2)."""
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    path = Path(path)
+    try:
+        return RunSpec.load(path)
+    except FileNotFoundError:
+        raise BadSpec(f"{path}: no such file") from None
+    except ValidationError as exc:  # include_input=False: a db_url password never reaches the message
+        lines = [f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}"
+                 for e in exc.errors(include_input=False, include_url=False)]
+        raise BadSpec(f"{path}: invalid run spec:\n  " + "\n  ".join(lines)) from None
+
+
+def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
+    """(errors, warnings) that pydantic cannot see: judge, models, DB URL, vLLM, lengths."""
+    from trainers.judge import available_judges
+
+    errors, warnings = [], []
+    if spec.eval.judge not in available_judges():
+        errors.append(f"eval.judge: unknown judge {spec.eval.judge!r}; registered: {', '.join(available_judges())}")
+    for name in ("teacher", "student", "base_student"):
+        value = getattr(spec, name)
+        local = value.startswith(("/", ".", "~")) or Path(value).exists()
+        if local and not (Path(value).expanduser() / "config.json").is_file():
+            errors.append(f"{name}: {value} is not a Hugging Face model folder (no config.json)")
+        elif not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+            errors.append(f"{name}: {value!r} is not a local folder and HF_HUB_OFFLINE=1")
+    try:
+        spec.traces.resolved_db_url()
+    except ValueError as exc:
+        errors.append(f"traces.db_url: {exc}")
+    if spec.optim.max_length - spec.gkd.max_new_tokens < 8:
+        errors.append(f"optim.max_length ({spec.optim.max_length}) must exceed gkd.max_new_tokens "
+                      f"({spec.gkd.max_new_tokens}) by at least 8 prompt tokens")
+    if spec.optim.generation_backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            errors.append("optim.generation_backend: 'vllm' is not installed")
+        if spec.device == "cpu":
+            errors.append("optim.generation_backend: 'vllm' needs device cuda")
+    if spec.resume and not (spec.output_dir / "data" / "train.jsonl").is_file():
+        warnings.append(f"resume: no data snapshot in {spec.output_dir / 'data'}; the run starts from scratch")
+    return errors, warnings
+
+
+# --- run ---------------------------------------------------------------------------------------
+class _Stop:
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _dataset(spec: RunSpec, tel: Telemetry):
+    from trainers.dataset import build_dataset, load_examples, save_examples
+
+    data = spec.output_dir / "data"
+    meta_path = data / "meta.json"
+    if spec.resume and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        train, evl = load_examples(data / "train.jsonl"), load_examples(data / "eval.jsonl")
+        tel.emit("dataset", source="snapshot", **meta)
+        return train, evl, meta
+    build = build_dataset(spec)
+    save_examples(build.train, data / "train.jsonl")
+    save_examples(build.eval, data / "eval.jsonl")
+    meta = {"n_train": len(build.train), "n_window": build.n_window, "n_rehearsal": build.n_rehearsal,
+            "n_eval": len(build.eval), "eval_set_hash": build.eval_set_hash, "skipped": dict(build.skipped)}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    tel.emit("dataset", source="database", **meta)
+    return build.train, build.eval, meta
+
+
+def _evaluate(which: str, model, spec: RunSpec, tok, teacher, examples, judge, device, tel, stop) -> EvalReport:
+    from trainers.evaluate import evaluate
+
+    path = spec.output_dir / "eval" / f"{which}.json"
+    tel.set_phase(f"eval_{which}", n_samples=len(examples))
+    report = evaluate(
+        model, tok, examples, judge, model_name=f"{which}:{spec.student if which == 'start' else spec.output_dir / 'final'}",
+        max_new_tokens=spec.eval.max_new_tokens, max_prompt_tokens=max(8, spec.optim.max_length - spec.eval.max_new_tokens),
+        device=device, teacher=teacher, batch_size=spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
+        samples_path=spec.output_dir / "eval" / f"{which}_samples.jsonl", telemetry=tel, stop=stop,
+    )
+    if stop():
+        from trainers.gkd import Interrupted
+
+        raise Interrupted(f"stopped during the {which} evaluation")
+    path.write_text(report.model_dump_json(indent=2))
+    tel.emit("eval", which=which, **report.model_dump(mode="json"))
+    return report
+
+
+def run(spec_path: str | Path, stream=None) -> int:
+    t_start = time.time()
+    tel = Telemetry(None, stream=stream)
+    try:
+        spec = load_spec(spec_path)
+        tel.run_id = spec.run_id
+        errors, warnings = check_spec(spec)
+        if errors:
+            raise BadSpec("; ".join(errors))
+    except BadSpec as exc:
+        tel.emit("error", kind="bad_spec", error=str(exc))
+        tel.emit("done", status="failed", exit_code=EXIT_BAD_SPEC)
+        print(f"trainers: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    stop = _Stop()
+    stop.install()
+    result = RunResult(run_id=spec.run_id, status="failed")
+    trainer = None
+    code = EXIT_FAILED
+    tel.start_heartbeat()
+    tel.emit("start", policy=spec.policy, gear=spec.gear, trigger=spec.trigger, resume=spec.resume,
+             config_hash=spec.config_hash(), warnings=warnings, pid=os.getpid())
+    try:
+        import torch
+
+        from trainers.gkd import (
+            GKDTrainer,
+            Interrupted,
+            VllmGenerator,
+            latest_checkpoint,
+            load_causal_lm,
+            load_student,
+            load_tokenizer,
+            resolve_device,
+        )
+        from trainers.judge import load_judge
+
+        try:
+            judge = load_judge(spec.eval.judge)
+            device = resolve_device(spec.device)
+            tel.set_phase("dataset")
+            train, evl, meta = _dataset(spec, tel)
+            result.n_train, result.n_eval, result.skipped = len(train), len(evl), meta["skipped"]
+            if not train:
+                raise ValueError(f"no training examples in window ({spec.traces.window_lo}, {spec.traces.window_hi}]; "
+                                 f"skipped: {meta['skipped'] or 'none'}")
+            torch.manual_seed(spec.optim.seed)
+            tel.set_phase("loading_models")
+            checkpoint = latest_checkpoint(spec.output_dir) if spec.resume else None
+            tok = load_tokenizer(str(checkpoint or spec.student))
+            teacher = load_causal_lm(spec.teacher, device, trainable=False)
+            student = load_student(spec.student, checkpoint, device, spec.optim.lora)
+            vllm = None
+            if spec.optim.generation_backend == "vllm":
+                if device.type != "cuda":
+                    raise ValueError("optim.generation_backend 'vllm' needs CUDA")
+                vllm = VllmGenerator(str(checkpoint or spec.student), spec.optim.seed, spec.optim.max_length)
+            start_file = spec.output_dir / "eval" / "start.json"
+            if spec.resume and start_file.is_file():
+                result.eval_start = EvalReport.model_validate_json(start_file.read_text())
+            elif evl:
+                result.eval_start = _evaluate("start", student, spec, tok, teacher, evl, judge, device, tel, stop)
+            trainer = GKDTrainer(student=student, teacher=teacher, tokenizer=tok, train=train, gkd=spec.gkd,
+                                 optim=spec.optim, output_dir=spec.output_dir, device=device, telemetry=tel,
+                                 stop=stop, vllm=vllm)
+            if checkpoint is not None:
+                trainer.restore(checkpoint)
+                tel.emit("resumed", step=trainer.step, path=str(checkpoint))
+            tel.set_phase("train", total_steps=trainer.total)
+            outcome = trainer.train()
+            result.steps = outcome.steps
+            result.checkpoint = str(outcome.final_dir)
+            result.train_metrics = _train_metrics(trainer)
+            if evl:
+                result.eval = _evaluate("final", student, spec, tok, teacher, evl, judge, device, tel, stop)
+                result.baseline = spec.targets.summarize(result.eval)
+            result.status = "succeeded"
+            code = EXIT_OK
+        except Interrupted as exc:
+            result.status = "interrupted"
+            result.error = str(exc)
+            last = latest_checkpoint(spec.output_dir)
+            result.checkpoint = str(last) if last else None
+            code = EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001  (reported in result.json and on stdout, then exit 1)
+        result.status = "failed"
+        result.error = f"{type(exc).__name__}: {exc}"
+        tel.emit("error", kind="failed", error=result.error)
+        traceback.print_exc(file=sys.stderr)
+        code = EXIT_FAILED
+    finally:
+        if trainer is not None:
+            result.steps = trainer.step
+            result.train_metrics = result.train_metrics or _train_metrics(trainer)
+        result.wall_time_s = round(time.time() - t_start, 3)
+        path = result.dump(spec.output_dir / "result.json")
+        tel.emit("done", status=result.status, exit_code=code, steps=result.steps, result=str(path),
+                 checkpoint=result.checkpoint)
+        tel.close()
+    return code
+
+
+def _train_metrics(trainer) -> dict[str, float]:
+    hist = trainer.history
+    if not hist:
+        return {}
+    losses = [h["loss"] for h in hist]
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"loss_first": losses[0], "loss_last": losses[-1], "loss_tail_mean": statistics.fmean(tail),
+            "grad_norm_last": hist[-1]["grad_norm"], "prompts_truncated": float(trainer.n_prompt_truncated)}
+
+
+# --- eval --------------------------------------------------------------------------------------
+def eval_command(model_path: str, spec_path: str, out: str | None, stream=None) -> int:
+    """Evaluate any checkpoint on the spec's frozen eval split (the run's snapshot if it has one)."""
+    tel = Telemetry(None, stream=stream)
+    try:
+        spec = load_spec(spec_path)
+        tel.run_id = spec.run_id
+        from trainers.judge import load_judge
+
+        judge = load_judge(spec.eval.judge)
+        if not (Path(model_path) / "config.json").is_file():
+            raise BadSpec(f"--model: {model_path} is not a Hugging Face model folder (no config.json)")
+    except (BadSpec, ValueError) as exc:
+        tel.emit("error", kind="bad_spec", error=str(exc))
+        print(f"trainers: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    tel.start_heartbeat()
+    try:
+        from trainers.dataset import build_dataset, load_examples
+        from trainers.evaluate import evaluate
+        from trainers.gkd import load_causal_lm, load_tokenizer, resolve_device
+
+        device = resolve_device(spec.device)
+        snapshot = spec.output_dir / "data" / "eval.jsonl"
+        tel.set_phase("dataset")
+        examples = load_examples(snapshot) if snapshot.is_file() else build_dataset(spec, with_train=False).eval
+        tel.set_phase("loading_models")
+        tok = load_tokenizer(model_path)
+        student = load_causal_lm(model_path, device, trainable=False)
+        teacher = load_causal_lm(spec.teacher, device, trainable=False)
+        out_path = Path(out) if out else spec.output_dir / "eval" / f"{Path(model_path).name}.json"
+        tel.set_phase("eval", n_samples=len(examples))
+        report = evaluate(student, tok, examples, judge, model_name=model_path, max_new_tokens=spec.eval.max_new_tokens,
+                          max_prompt_tokens=max(8, spec.optim.max_length - spec.eval.max_new_tokens), device=device,
+                          teacher=teacher,
+                          batch_size=spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
+                          samples_path=out_path.with_suffix(".samples.jsonl"), telemetry=tel)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(report.model_dump_json(indent=2))
+        tel.emit("eval", which="model", path=str(out_path), **report.model_dump(mode="json"),
+                 baseline=spec.targets.summarize(report).model_dump(mode="json"))
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001
+        tel.emit("error", kind="failed", error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        tel.close()
+
+
+def validate_command(spec_path: str, stream=None) -> int:
+    stream = stream or sys.stdout
+    try:
+        spec = load_spec(spec_path)
+        errors, warnings = check_spec(spec)
+    except BadSpec as exc:
+        stream.write(json.dumps({"ok": False, "errors": [str(exc)], "warnings": []}) + "\n")
+        return EXIT_BAD_SPEC
+    stream.write(json.dumps({"ok": not errors, "run_id": spec.run_id, "config_hash": spec.config_hash(),
+                             "errors": errors, "warnings": warnings}) + "\n")
+    return EXIT_BAD_SPEC if errors else EXIT_OK
