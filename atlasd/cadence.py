@@ -1,0 +1,520 @@
+"""Cadence: turns policies, recorded traces and the clock into queued runs.
+
+Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks the gear's
+``atlasd.policy_state`` row, so whatever fires concurrently, a threshold fires exactly once:
+
+* **batch** gear: the usable intake traces (``malformed IS NULL AND revoked_at IS NULL``) above
+  the gear's ``last_window_hi`` that pass its filters (learning_key, min_reward, max age) are
+  counted; with ``k = floor(pending / every) >= 1`` it fires once with the window ending at the
+  ``k * every``-th of them (the rest stay pending), unless paused or within ``min_interval`` of
+  its last fire. A queued batch run of the same gear absorbs the fire (coalescing).
+* **cron** gear: APScheduler 3.11 is only the timer that wakes us at the tick. The latest tick
+  in ``(max(last_fire_at, armed_at), now]`` is due: within ``CRON_ON_TIME`` of its time it runs
+  as ``cron``; older but within the catch-up window (policy ``catchup_window`` or
+  ``ATLASD_CATCHUP_WINDOW_S``) as one coalesced ``catch-up`` run; older still, or while paused,
+  it is skipped and recorded in ``skipped_fire_at``/``skipped_reason`` (logged, shown by plan).
+  Changing a gear's cron expression re-arms it (ticks of the new expression before the change are
+  not caught up).
+* **manual** (``atlasd trigger``): the same path, always fires, with every pending trace.
+
+The same function with ``apply=False`` is ``atlasd plan`` (nothing written, no lock).
+The clock is injected (``now``) so tests never sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import psycopg
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from psycopg.rows import dict_row
+
+from atlasd import queue
+from atlasd.db import aconnect, safe_error
+from atlasd.logging import get_logger
+from atlasd.policies import Gear, Policy, PolicySet
+from atlasd.settings import Settings
+
+CRON_ON_TIME = timedelta(seconds=60)  # a tick evaluated this soon after its time is on time ('cron')
+Mode = Literal["auto", "manual"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class GearPlan:
+    """What one evaluation of a gear saw and decided (also the `atlasd plan` row)."""
+
+    policy: str
+    gear: str
+    kind: Literal["batch", "cron"]
+    paused: bool
+    pending: int  # new traces passing the filters since last_window_hi
+    threshold: int | None  # batch: every N
+    last_window_hi: int
+    action: Literal["enqueue", "coalesce", "skip", "none"]
+    trigger: str | None  # the run's trigger source when action is enqueue/coalesce
+    window_lo: int | None
+    window_hi: int | None
+    n_traces: int
+    reason: str
+    next_fire_at: datetime | None = None
+    last_fire_at: datetime | None = None
+    last_run_id: int | None = None
+    queued_run_id: int | None = None  # a queued batch run this gear's next fire would widen
+    skipped_fire_at: datetime | None = None
+    skipped_reason: str | None = None
+    run_id: int | None = None  # set when applied
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class _State:
+    last_window_hi: int
+    armed_at: datetime
+    cron_schedule: str | None
+    last_fire_at: datetime | None
+    last_run_id: int | None
+    skipped_fire_at: datetime | None
+    skipped_reason: str | None
+
+
+_ENSURE_STATE = """
+INSERT INTO atlasd.policy_state (policy, gear, armed_at, cron_schedule) VALUES (%(policy)s, %(gear)s, %(now)s, %(cron)s)
+ON CONFLICT (policy, gear) DO NOTHING"""
+
+_STATE = """
+SELECT last_window_hi, armed_at, cron_schedule, last_fire_at, last_run_id, skipped_fire_at, skipped_reason
+  FROM atlasd.policy_state WHERE policy = %(policy)s AND gear = %(gear)s"""
+
+_REARM = """
+UPDATE atlasd.policy_state SET armed_at = %(now)s, cron_schedule = %(cron)s
+ WHERE policy = %(policy)s AND gear = %(gear)s"""
+
+_PAUSED = "SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*'))"
+
+# pending = usable traces above the gear's last window passing its filters; batch_hi = the seq of
+# the (floor(pending / every) * every)-th of them (NULL when fewer than `every`).
+_PENDING = """
+SELECT count(*) AS pending,
+       COALESCE(max(seq), %(lo)s) AS all_hi,
+       max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s) AS batch_hi
+  FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
+          FROM atlasd.intake
+         WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
+           AND (%(key)s::text IS NULL OR learning_key = %(key)s::text)
+           AND COALESCE(reward_score, 0) >= %(min_reward)s
+           AND (%(max_age)s::interval IS NULL
+                OR COALESCE(session_created_at, approved_at) >= %(now)s - %(max_age)s::interval)) t"""
+
+_QUEUED_BATCH = """
+SELECT id FROM atlasd.runs WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch'"""
+
+_ADVANCE = """
+UPDATE atlasd.policy_state
+   SET last_window_hi = GREATEST(last_window_hi, %(window_hi)s), last_run_id = %(run_id)s, last_run_at = %(now)s,
+       last_fire_at = CASE WHEN %(automatic)s THEN %(fire_at)s ELSE last_fire_at END
+ WHERE policy = %(policy)s AND gear = %(gear)s"""
+
+_SKIP = """
+UPDATE atlasd.policy_state SET last_fire_at = %(tick)s, skipped_fire_at = %(tick)s, skipped_reason = %(reason)s
+ WHERE policy = %(policy)s AND gear = %(gear)s"""
+
+
+def _cron_key(gear: Gear) -> str | None:
+    return f"{gear.trigger.cron.expr} @ {gear.trigger.cron.timezone}" if gear.trigger.cron else None
+
+
+def due_tick(gear: Gear, after: datetime, now: datetime) -> datetime | None:
+    """The latest cron tick in (after, now], or None. Scans forward from ever earlier starts
+    (1 h, 1 d, ...) so a minute-cron down for a year costs at most an hour of ticks."""
+    trigger = gear.trigger.cron.build()
+    for lookback in (timedelta(hours=1), timedelta(days=1), timedelta(days=8), timedelta(days=32),
+                     timedelta(days=367), timedelta(days=1500), None):
+        start = after if lookback is None else max(after, now - lookback)
+        latest = None
+        tick = trigger.get_next_fire_time(None, start + timedelta(microseconds=1))
+        while tick is not None and tick <= now:
+            latest = tick
+            tick = trigger.get_next_fire_time(tick, tick + timedelta(microseconds=1))
+        if latest is not None or start == after:
+            return latest
+    return None
+
+
+def next_tick(gear: Gear, now: datetime) -> datetime | None:
+    return gear.trigger.cron.build().get_next_fire_time(None, now + timedelta(microseconds=1))
+
+
+async def _fetch(conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql, params)
+        return await cur.fetchone()
+
+
+async def evaluate_gear(
+    conn: psycopg.AsyncConnection,
+    policy: Policy,
+    gear_name: str,
+    *,
+    now: datetime,
+    catchup_window: timedelta,
+    mode: Mode = "auto",
+    apply: bool = True,
+) -> GearPlan:
+    """Decide (and with ``apply``, do) what this gear's trigger says now. See the module doc."""
+    gear = policy.gears[gear_name]
+    key = {"policy": policy.name, "gear": gear_name}
+    cron = _cron_key(gear)
+    async with conn.transaction():
+        if apply:
+            await conn.execute(_ENSURE_STATE, {**key, "now": now, "cron": cron})
+            row = await _fetch(conn, _STATE + " FOR UPDATE", key)
+        else:
+            row = await _fetch(conn, _STATE, key)
+        state = _State(**row) if row else _State(0, now, cron, None, None, None, None)
+        if cron is not None and state.cron_schedule != cron:
+            state.armed_at, state.cron_schedule = now, cron  # new or changed schedule: re-armed now
+            if apply:
+                await conn.execute(_REARM, {**key, "now": now, "cron": cron})
+        paused = bool((await _fetch(conn, _PAUSED, key))["exists"])
+        counts = await _fetch(
+            conn,
+            _PENDING,
+            {
+                "lo": state.last_window_hi,
+                "every": gear.trigger.batch.every if gear.trigger.batch else None,
+                "key": policy.learning_key,
+                "min_reward": gear.filters.min_reward,
+                "max_age": timedelta(days=gear.filters.max_age_days) if gear.filters.max_age_days else None,
+                "now": now,
+            },
+        )
+        queued = await _fetch(conn, _QUEUED_BATCH, key) if gear.kind == "batch" else None
+        plan = GearPlan(
+            policy=policy.name,
+            gear=gear_name,
+            kind=gear.kind,
+            paused=paused,
+            pending=counts["pending"],
+            threshold=gear.trigger.batch.every if gear.trigger.batch else None,
+            last_window_hi=state.last_window_hi,
+            action="none",
+            trigger=None,
+            window_lo=None,
+            window_hi=None,
+            n_traces=0,
+            reason="",
+            last_fire_at=state.last_fire_at,
+            last_run_id=state.last_run_id,
+            queued_run_id=queued["id"] if queued else None,
+            skipped_fire_at=state.skipped_fire_at,
+            skipped_reason=state.skipped_reason,
+        )
+        fire_at = _decide(plan, gear, state, counts, now=now, catchup_window=catchup_window, mode=mode)
+        if not apply:
+            return plan
+        if plan.action == "skip":
+            await conn.execute(_SKIP, {**key, "tick": plan.skipped_fire_at, "reason": plan.skipped_reason})
+        elif plan.action in ("enqueue", "coalesce"):
+            done = await queue.enqueue(
+                conn,
+                policy=policy.name,
+                gear=gear_name,
+                trigger=plan.trigger,
+                window_lo=plan.window_lo,
+                window_hi=plan.window_hi,
+                n_traces=plan.n_traces,
+                priority=gear.priority,
+                coalesce=gear.kind == "batch",
+                scheduled_for=fire_at if gear.kind == "cron" and mode == "auto" else None,
+            )
+            plan.run_id = done.run.id
+            plan.action = "coalesce" if done.coalesced else "enqueue"
+            await conn.execute(
+                _ADVANCE,
+                {
+                    **key,
+                    "window_hi": plan.window_hi,
+                    "run_id": done.run.id,
+                    "now": now,
+                    "automatic": mode == "auto",
+                    "fire_at": fire_at,
+                },
+            )
+    return plan
+
+
+def _decide(
+    plan: GearPlan,
+    gear: Gear,
+    state: _State,
+    counts: dict[str, Any],
+    *,
+    now: datetime,
+    catchup_window: timedelta,
+    mode: Mode,
+) -> datetime | None:
+    """Fill in the plan's action/trigger/window/reason; return the fire time to record."""
+
+    def fire(trigger: str, hi: int, n: int, reason: str) -> None:
+        plan.action = "coalesce" if gear.kind == "batch" and plan.queued_run_id else "enqueue"
+        plan.trigger, plan.window_lo, plan.window_hi, plan.n_traces, plan.reason = (
+            trigger, state.last_window_hi, hi, n, reason)
+
+    if gear.kind == "cron":
+        plan.next_fire_at = next_tick(gear, now)
+    if mode == "manual":
+        fire("manual", counts["all_hi"], counts["pending"], "manual trigger")
+        return now
+
+    if gear.kind == "batch":
+        every, min_interval = gear.trigger.batch.every, gear.trigger.batch.min_interval
+        if plan.paused:
+            plan.reason = f"paused ({plan.pending}/{every} new traces)"
+        elif counts["batch_hi"] is None:
+            plan.reason = f"{plan.pending}/{every} new traces"
+        elif min_interval and state.last_fire_at and now < state.last_fire_at + min_interval:
+            plan.next_fire_at = state.last_fire_at + min_interval
+            plan.reason = f"{plan.pending}/{every} new traces, but min_interval holds it until {plan.next_fire_at.isoformat()}"
+        else:
+            n = plan.pending // every * every
+            fire("batch", counts["batch_hi"], n, f"{plan.pending} >= {every} new traces: {n} go into a run")
+            return now
+        return None
+
+    tick = due_tick(gear, max(filter(None, (state.last_fire_at, state.armed_at))), now)
+    if tick is None:
+        plan.reason = f"next tick {plan.next_fire_at.isoformat() if plan.next_fire_at else 'never'}"
+        return None
+    late = now - tick
+    if plan.paused:
+        why = "paused"
+    elif late <= CRON_ON_TIME:
+        fire("cron", counts["all_hi"], counts["pending"], f"cron tick {tick.isoformat()}")
+        return tick
+    elif late <= catchup_window:
+        fire("catch-up", counts["all_hi"], counts["pending"], f"missed cron tick {tick.isoformat()} (catch-up)")
+        return tick
+    else:
+        why = f"missed by {_human(late)}, older than the catch-up window ({_human(catchup_window)})"
+    plan.action, plan.skipped_fire_at, plan.skipped_reason = "skip", tick, why
+    plan.reason = f"cron tick {tick.isoformat()} skipped: {why}"
+    return None
+
+
+def _human(delta: timedelta) -> str:
+    s = int(delta.total_seconds())
+    if s >= 86400:
+        return f"{s / 86400:.1f}d"
+    if s >= 3600:
+        return f"{s / 3600:.1f}h"
+    return f"{s}s"
+
+
+def catchup_window(policy: Policy, settings: Settings) -> timedelta:
+    return policy.catchup_window or timedelta(seconds=settings.catchup_window_s)
+
+
+async def plan_all(conn: psycopg.AsyncConnection, policies: PolicySet, settings: Settings, now: datetime) -> list[GearPlan]:
+    """`atlasd plan`: every gear's decision, nothing written."""
+    return [
+        await evaluate_gear(conn, policy, gear, now=now, catchup_window=catchup_window(policy, settings), apply=False)
+        for policy in policies.policies.values()
+        for gear in policy.gears
+    ]
+
+
+async def trigger_manual(
+    conn: psycopg.AsyncConnection, policy: Policy, gear: str, settings: Settings, now: datetime
+) -> GearPlan:
+    """`atlasd trigger POLICY --gear GEAR`: queue a run now with every pending trace (ignores pause)."""
+    return await evaluate_gear(
+        conn, policy, gear, now=now, catchup_window=catchup_window(policy, settings), mode="manual"
+    )
+
+
+# ---------------------------------------------------------------- pause / resume
+
+
+async def pause(conn: psycopg.AsyncConnection, policy: str | None, reason: str | None = None) -> None:
+    """Pause one policy (or all, ``None``): automatic triggers stop; manual triggers still work."""
+    await conn.execute(
+        "INSERT INTO atlasd.pauses (policy, reason) VALUES (%s, %s) ON CONFLICT (policy) DO UPDATE SET reason = EXCLUDED.reason",
+        [policy or "*", reason],
+    )
+
+
+async def resume(conn: psycopg.AsyncConnection, policy: str | None) -> list[str]:
+    """Resume one policy (its own pause) or, with ``None``, everything. Returns the scopes lifted."""
+    if policy is None:
+        cur = await conn.execute("DELETE FROM atlasd.pauses RETURNING policy")
+    else:
+        cur = await conn.execute("DELETE FROM atlasd.pauses WHERE policy = %s RETURNING policy", [policy])
+    return sorted(r[0] for r in await cur.fetchall())
+
+
+async def paused_scopes(conn: psycopg.AsyncConnection) -> list[str]:
+    cur = await conn.execute("SELECT policy FROM atlasd.pauses ORDER BY policy")
+    return [r[0] for r in await cur.fetchall()]
+
+
+async def status_sections(settings: Settings, policies: PolicySet, now: datetime | None = None) -> dict[str, Any]:
+    """The `policies` and `runs` keys of `atlasd status`."""
+    async with await aconnect(settings.dsn, application_name="atlasd-status") as conn:
+        plans = await plan_all(conn, policies, settings, now or utc_now())
+        counts = await queue.counts_by_state(conn)
+    out: dict[str, Any] = {}
+    for p in plans:
+        out.setdefault(p.policy, {})[p.gear] = {
+            "kind": p.kind,
+            "pending": p.pending,
+            "threshold": p.threshold,
+            "next_fire_at": p.next_fire_at.isoformat() if p.next_fire_at else None,
+            "paused": p.paused,
+            "would_queue": p.action in ("enqueue", "coalesce"),
+        }
+    return {"policies": out, "runs": counts}
+
+
+# ---------------------------------------------------------------- the daemon component
+
+
+class CadenceComponent:
+    """The daemon component: loads the policies, arms the cron timers, evaluates gears after
+    intake, on every timer tick and every ``poll_interval_s`` (min_interval, resume, retries of a
+    failed evaluation), and reloads on SIGHUP. ``policy_set`` is the live set (the runner reads it)."""
+
+    name = "cadence"
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.policy_set = PolicySet(settings.policies_dir)
+        self.log = get_logger("cadence")
+        self.pool = None
+        self.scheduler: AsyncIOScheduler | None = None
+        self._eval_lock = asyncio.Lock()
+
+    async def start(self, daemon) -> None:
+        self.pool = daemon.pool
+        self._load()
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.scheduler.start()
+        self._schedule()
+        await self.evaluate()
+
+    async def on_intake(self, recorded: int) -> None:
+        await self.evaluate(kind="batch")
+
+    async def reload(self) -> None:
+        self._load()
+        self._schedule()
+        await self.evaluate()
+
+    async def stop(self) -> None:
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def _load(self) -> None:
+        report = self.policy_set.reload()
+        for file, issues in report.errors.items():
+            for issue in issues:
+                self.log.error("invalid policy file", file=file, line=issue.line, field=issue.field, reason=issue.reason)
+        self.log.info(
+            "policies loaded",
+            directory=str(self.policy_set.directory),
+            policies=sorted(self.policy_set.policies),
+            added=report.added,
+            changed=report.changed,
+            removed=report.removed,
+            kept_previous=report.kept_previous,
+            failed_files=sorted(report.errors),
+        )
+
+    def _schedule(self) -> None:
+        """Replace every job: one cron timer per cron gear, one poll job."""
+        self.scheduler.remove_all_jobs()
+        self.scheduler.add_job(
+            self.evaluate,
+            IntervalTrigger(seconds=self.settings.poll_interval_s, timezone=UTC),
+            id="cadence-poll",
+            coalesce=True,
+            max_instances=1,
+        )
+        for policy in self.policy_set.policies.values():
+            for gear_name, gear in policy.gears.items():
+                if gear.kind == "cron":
+                    self.scheduler.add_job(
+                        self.evaluate_one,
+                        gear.trigger.cron.build(),
+                        args=[policy.name, gear_name],
+                        id=f"cron:{policy.name}:{gear_name}",
+                        coalesce=True,
+                        max_instances=1,
+                        misfire_grace_time=None,
+                    )
+
+    async def evaluate_one(self, policy_name: str, gear_name: str) -> GearPlan | None:
+        policy = self.policy_set.get(policy_name)
+        if policy is None or gear_name not in policy.gears:
+            return None
+        async with self._eval_lock:
+            return await self._evaluate(policy, gear_name)
+
+    async def evaluate(self, kind: Literal["batch", "cron"] | None = None) -> list[GearPlan]:
+        """Evaluate every gear (or every gear of one kind); one failing gear does not stop the others."""
+        plans = []
+        async with self._eval_lock:
+            for policy in self.policy_set.policies.values():
+                for gear_name, gear in policy.gears.items():
+                    if kind is None or gear.kind == kind:
+                        plan = await self._evaluate(policy, gear_name)
+                        if plan is not None:
+                            plans.append(plan)
+        return plans
+
+    async def _evaluate(self, policy: Policy, gear_name: str) -> GearPlan | None:
+        try:
+            async with self.pool.connection() as conn:
+                plan = await evaluate_gear(
+                    conn,
+                    policy,
+                    gear_name,
+                    now=self.clock(),
+                    catchup_window=catchup_window(policy, self.settings),
+                )
+        except (psycopg.Error, OSError) as exc:
+            self.log.warning("cadence evaluation failed; retried on the next poll", policy=policy.name,
+                             gear=gear_name, error=safe_error(exc))
+            return None
+        if plan.action in ("enqueue", "coalesce"):
+            self.log.info(
+                "run queued" if plan.action == "enqueue" else "run widened (coalesced)",
+                run_id=plan.run_id,
+                policy=plan.policy,
+                gear=plan.gear,
+                trigger=plan.trigger,
+                window_lo=plan.window_lo,
+                window_hi=plan.window_hi,
+                n_traces=plan.n_traces,
+                reason=plan.reason,
+            )
+        elif plan.action == "skip":
+            self.log.warning("cron tick skipped", policy=plan.policy, gear=plan.gear,
+                             tick=plan.skipped_fire_at.isoformat(), reason=plan.skipped_reason)
+        return plan
+
+
+def create_component(settings: Settings) -> CadenceComponent:
+    """Entry for ``atlasd.daemon.COMPONENT_MODULES``."""
+    return CadenceComponent(settings)
