@@ -40,3 +40,12 @@ def bare_db_url() -> Iterator[str]:
     name = pg.create_database("atlasd_bare")
     yield pg.url_for(name)
     pg.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(teacher, student) folders: tiny offline Qwen2 models sharing one tokenizer (trainers/tiny.py)."""
+    from trainers.tiny import build_tiny_pair
+
+    teacher, student = build_tiny_pair(tmp_path_factory.mktemp("tiny_models"))
+    return str(teacher), str(student)
