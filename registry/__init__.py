@@ -1,0 +1,40 @@
+"""MLflow side of atlasd: experiment/run logging, model-version registration, the promotion gate,
+aliases, rollback and champion resolution.
+
+Runs as a short-lived child (``python -m registry ...``) so the daemon never imports mlflow.
+Imports mlflow and pydantic, and from atlasd only ``atlasd.runspec`` and
+``atlasd.settings.redact_url``.
+
+Names used in the MLflow registry (one registered model per policy):
+- registered-model tag ``atlasd.policy``: the policy the model belongs to;
+- version tag ``atlasd.run_id``: the atlasd run that produced it (one version per run);
+- aliases ``challenger`` (the newest registered version) and ``champion`` (the promoted one);
+- version tags ``atlasd.decision`` (promote | reject | force | rollback), ``gate.<check>`` (JSON:
+  value, threshold, met, reason), ``atlasd.previous_champion`` (the champion it replaced) and, on
+  the replaced one, ``previous_champion_of=<version>``.
+"""
+
+from __future__ import annotations
+
+# exit codes of `python -m registry ...`
+EXIT_OK = 0
+EXIT_FAILED = 1  # unexpected error: look at stderr
+EXIT_BAD_INPUT = 2  # bad spec/result/arguments, unknown policy/version, checkpoint not loadable: do not retry
+EXIT_UNAVAILABLE = 75  # MLflow store (database, server or artifact store) unavailable: retry later (EX_TEMPFAIL)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+TAG_POLICY = "atlasd.policy"
+TAG_RUN_ID = "atlasd.run_id"
+TAG_DECISION = "atlasd.decision"
+TAG_PREVIOUS = "atlasd.previous_champion"
+TAG_PREVIOUS_OF = "previous_champion_of"
+
+
+class RegistryError(Exception):
+    """Bad input or a refused operation (exit 2): retrying will not help."""
+
+
+class StoreUnavailable(Exception):
+    """The MLflow store cannot be reached or written (exit 75): retry later."""

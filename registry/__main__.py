@@ -1,0 +1,214 @@
+"""``python -m registry COMMAND ...``: every command prints ONE JSON object on stdout (also on
+error: ``{"error": ..., "exit_code": ...}``) and logs to stderr. ``--json`` is accepted and
+changes nothing (the output is always JSON).
+
+  finalize --spec SPEC.json --result RESULT.json [--log LOG.jsonl] [--source artifacts|path]
+           [--artifact-root DIR] [--cache-dir DIR] [--actor NAME]
+      log the run, register its checkpoint (succeeded runs), run the promotion gate.
+      Tracking URI: the spec's ``mlflow.tracking_uri``.
+  models   [--policy P]                        registered models, versions, aliases, key metrics
+  champion --policy P [--cache-dir DIR]        the champion and a local checkpoint path for RunSpec.student
+  promote  --policy P --version V --reason R [--actor NAME] [--cache-dir DIR]
+      forced promotion (outside the gate) of a loadable version
+  rollback --policy P [--reason R] [--actor NAME] [--cache-dir DIR]
+      move champion back to the champion it replaced, once that one's files load
+  check    --path DIR                          is a checkpoint folder loadable (no torch)
+
+Commands other than finalize read the tracking URI from ``--tracking-uri`` or the
+``MLFLOW_TRACKING_URI`` environment variable (the daemon uses the variable: no password in argv).
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input or refused (do not retry),
+75 MLflow store unavailable (retry later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+from atlasd.settings import redact_url
+from registry import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, RegistryError, StoreUnavailable
+
+_UNAVAILABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EIO, errno.ENOTDIR,
+                       errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+_UNAVAILABLE_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def is_unavailable(exc: BaseException | None) -> bool:
+    """True when the failure is the store's (database, server, artifact files), not the input's."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StoreUnavailable | sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
+                      | requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError | TimeoutError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _UNAVAILABLE_ERRNOS:
+            return True
+        if isinstance(exc, MlflowException) and (
+            exc.error_code in _UNAVAILABLE_MLFLOW_CODES
+            or "unable to open database file" in exc.message or "database is locked" in exc.message
+            or "could not connect" in exc.message.lower() or "connection refused" in exc.message.lower()
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m registry", description="atlasd's MLflow registry child.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str, *, uri: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--json", action="store_true", help="accepted; the output is always JSON")
+        if uri:
+            p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                           help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
+        return p
+
+    p = add("finalize", "log a finished run, register its checkpoint, run the promotion gate", uri=False)
+    p.add_argument("--spec", type=Path, required=True)
+    p.add_argument("--result", type=Path, required=True)
+    p.add_argument("--log", type=Path, help="the trainer's JSON-lines log (per-step metrics)")
+    p.add_argument("--source", choices=["artifacts", "path"], default="artifacts",
+                   help="register the checkpoint as run artifacts (copied; default) or by its local path")
+    p.add_argument("--artifact-root", help="artifact root for new experiments (default: next to a sqlite store)")
+    p.add_argument("--cache-dir", type=Path, help="where remote checkpoints are downloaded")
+    p.add_argument("--actor", default="atlasd")
+
+    p = add("models", "registered models, versions, aliases and key metrics")
+    p.add_argument("--policy")
+
+    p = add("champion", "the policy's champion and a local path to its checkpoint")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--cache-dir", type=Path)
+
+    p = add("promote", "forced promotion of a version (outside the gate), audited by the caller")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--actor", default="operator")
+    p.add_argument("--cache-dir", type=Path)
+
+    p = add("rollback", "move champion back to the previous champion")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--reason", default="rollback")
+    p.add_argument("--actor", default="operator")
+    p.add_argument("--cache-dir", type=Path)
+
+    p = add("check", "check that a checkpoint folder is loadable (config, weights, tokenizer)", uri=False)
+    p.add_argument("--path", type=Path, required=True)
+    return parser
+
+
+def _registry(args: argparse.Namespace):
+    from registry.store import Registry
+
+    if not args.tracking_uri:
+        raise RegistryError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    return Registry(args.tracking_uri)
+
+
+def cmd_finalize(args: argparse.Namespace) -> dict:
+    from registry.finalize import finalize, load_inputs, trainer_measure
+    from registry.tracking import default_artifact_root
+
+    spec, result = load_inputs(args.spec, args.result, args.log)
+    return finalize(
+        spec, result, log_path=args.log, measure=trainer_measure(args.spec), source_mode=args.source,
+        artifact_root=args.artifact_root or default_artifact_root(spec.mlflow.tracking_uri),
+        cache_dir=args.cache_dir, actor=args.actor,
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> dict:
+    return {"models": _registry(args).models(args.policy)}
+
+
+def cmd_champion(args: argparse.Namespace) -> dict:
+    from registry import CHAMPION
+
+    reg = _registry(args)
+    name = reg.model_for_policy(args.policy)
+    mv = reg.alias(name, CHAMPION)
+    if mv is None:
+        return {"policy": args.policy, "registered_model": name, "champion": None, "path": None}
+    return {"policy": args.policy, "registered_model": name, "champion": str(mv.version),
+            "path": str(reg.local_path(mv, args.cache_dir)), **reg.describe(mv)}
+
+
+def _audit_payload(args, name: str, action: str, from_v: str | None, to_v: str, loadable: dict) -> dict:
+    return {"policy": args.policy, "registered_model": name, "action": action, "from_version": from_v,
+            "to_version": to_v, "previous_champion": from_v, "champion": to_v, "reason": args.reason,
+            "actor": args.actor, "checks": [{"name": "loadable", "value": None, "threshold": None, "met": True,
+                                             "reason": json.dumps(loadable)}]}
+
+
+def cmd_promote(args: argparse.Namespace) -> dict:
+    from registry.checkpoint import check_loadable
+
+    reg = _registry(args)
+    name = reg.model_for_policy(args.policy)
+    mv = reg.version(name, args.version)
+    loadable = check_loadable(reg.local_path(mv, args.cache_dir))
+    previous = reg.set_champion(name, str(mv.version))
+    reg.tag_decision(name, str(mv.version), "force", args.reason, args.actor, [])
+    return _audit_payload(args, name, "force", previous, str(mv.version), loadable)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict:
+    reg = _registry(args)
+    name = reg.model_for_policy(args.policy)
+    from_v, to_v, loadable = reg.rollback(name, args.cache_dir)
+    return _audit_payload(args, name, "rollback", from_v, to_v, loadable)
+
+
+def cmd_check(args: argparse.Namespace) -> dict:
+    from registry.checkpoint import check_loadable
+
+    return check_loadable(args.path)
+
+
+COMMANDS = {"finalize": cmd_finalize, "models": cmd_models, "champion": cmd_champion, "promote": cmd_promote,
+            "rollback": cmd_rollback, "check": cmd_check}
+
+
+def fail_fast() -> None:
+    """MLflow retries an unreachable SQL store 10 times with backoff (~100 s); atlasd retries the
+    whole registration later itself (atlasd.registrations), so the child gives up after ~0.4 s."""
+    import mlflow.store.db.utils
+
+    mlflow.store.db.utils.MAX_RETRY_COUNT = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fail_fast()
+    out = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow's prints must not corrupt the one JSON line
+            payload, code = COMMANDS[args.command](args), EXIT_OK
+    except RegistryError as exc:
+        payload, code = {"error": redact_url(str(exc))}, EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - classified, reported as JSON, never a traceback on stdout
+        code = EXIT_UNAVAILABLE if is_unavailable(exc) else EXIT_FAILED
+        payload = {"error": redact_url(f"{type(exc).__name__}: {exc}")[:4000]}
+    if code != EXIT_OK:
+        payload["exit_code"] = code
+        payload["retryable"] = code == EXIT_UNAVAILABLE
+        print(f"python -m registry {args.command}: {payload['error']}", file=sys.stderr)
+    out.write(json.dumps(payload, default=str) + "\n")
+    out.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
