@@ -362,7 +362,9 @@ def parse_policy(text: str, *, file: str, stem: str, base_dir: Path | None = Non
     if node is None:
         raise PolicyFileError(file, [PolicyIssue(file, "", "empty file: a policy is a YAML mapping")])
     if not isinstance(data, dict):
-        kind = type(data).__name__
+        kind = {list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}.get(
+            type(data), "null" if data is None else type(data).__name__
+        )
         raise PolicyFileError(file, [PolicyIssue(file, "", f"a policy is a YAML mapping, got {kind}", 1)])
     issues = _duplicate_keys(node, file)
     if issues:
