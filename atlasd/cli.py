@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "atlasd.commands.db",
     "atlasd.commands.run",
     "atlasd.commands.status",
+    "atlasd.commands.policies",
+    "atlasd.commands.runs",
 ]
 
 
