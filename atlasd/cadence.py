@@ -35,7 +35,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from psycopg.rows import dict_row
 
 from atlasd import queue
-from atlasd.db import aconnect, safe_error
+from atlasd.db import safe_error
 from atlasd.logging import get_logger
 from atlasd.policies import Gear, Policy, PolicySet
 from atlasd.settings import Settings
@@ -100,12 +100,14 @@ _REARM = """
 UPDATE atlasd.policy_state SET armed_at = %(now)s, cron_schedule = %(cron)s
  WHERE policy = %(policy)s AND gear = %(gear)s"""
 
-_PAUSED = "SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*'))"
-
-# pending = usable traces above the gear's last window passing its filters; batch_hi = the seq of
-# the (floor(pending / every) * every)-th of them (NULL when fewer than `every`).
-_PENDING = """
-SELECT count(*) AS pending,
+# paused, the gear's queued batch run, and pending = usable traces above the gear's last window
+# passing its filters; batch_hi = the seq of the (floor(pending / every) * every)-th of them (NULL
+# when fewer than `every`).
+_INPUTS = """
+SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*')) AS paused,
+       (SELECT id FROM atlasd.runs
+         WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch') AS queued_run_id,
+       count(*) AS pending,
        COALESCE(max(seq), %(lo)s) AS all_hi,
        max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s) AS batch_hi
   FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
@@ -115,9 +117,6 @@ SELECT count(*) AS pending,
            AND COALESCE(reward_score, 0) >= %(min_reward)s
            AND (%(max_age)s::interval IS NULL
                 OR COALESCE(session_created_at, approved_at) >= %(now)s - %(max_age)s::interval)) t"""
-
-_QUEUED_BATCH = """
-SELECT id FROM atlasd.runs WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch'"""
 
 _ADVANCE = """
 UPDATE atlasd.policy_state
@@ -178,49 +177,13 @@ async def evaluate_gear(
     async with conn.transaction():
         if apply:
             await conn.execute(_ENSURE_STATE, {**key, "now": now, "cron": cron})
-            row = await _fetch(conn, _STATE + " FOR UPDATE", key)
-        else:
-            row = await _fetch(conn, _STATE, key)
-        state = _State(**row) if row else _State(0, now, cron, None, None, None, None)
-        if cron is not None and state.cron_schedule != cron:
-            state.armed_at, state.cron_schedule = now, cron  # new or changed schedule: re-armed now
-            if apply:
+            state, rearmed = _state_from(await _fetch(conn, _STATE + " FOR UPDATE", key), now, cron)
+            if rearmed:
                 await conn.execute(_REARM, {**key, "now": now, "cron": cron})
-        paused = bool((await _fetch(conn, _PAUSED, key))["exists"])
-        counts = await _fetch(
-            conn,
-            _PENDING,
-            {
-                "lo": state.last_window_hi,
-                "every": gear.trigger.batch.every if gear.trigger.batch else None,
-                "key": policy.learning_key,
-                "min_reward": gear.filters.min_reward,
-                "max_age": timedelta(days=gear.filters.max_age_days) if gear.filters.max_age_days else None,
-                "now": now,
-            },
-        )
-        queued = await _fetch(conn, _QUEUED_BATCH, key) if gear.kind == "batch" else None
-        plan = GearPlan(
-            policy=policy.name,
-            gear=gear_name,
-            kind=gear.kind,
-            paused=paused,
-            pending=counts["pending"],
-            threshold=gear.trigger.batch.every if gear.trigger.batch else None,
-            last_window_hi=state.last_window_hi,
-            action="none",
-            trigger=None,
-            window_lo=None,
-            window_hi=None,
-            n_traces=0,
-            reason="",
-            last_fire_at=state.last_fire_at,
-            last_run_id=state.last_run_id,
-            queued_run_id=queued["id"] if queued else None,
-            skipped_fire_at=state.skipped_fire_at,
-            skipped_reason=state.skipped_reason,
-        )
-        fire_at = _decide(plan, gear, state, counts, now=now, catchup_window=catchup_window, mode=mode)
+        else:
+            state, _ = _state_from(await _fetch(conn, _STATE, key), now, cron)
+        inputs = await _fetch(conn, _INPUTS, _inputs_params(policy, gear_name, state, now))
+        plan, fire_at = _plan(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode=mode)
         if not apply:
             return plan
         if plan.action == "skip":
@@ -252,6 +215,76 @@ async def evaluate_gear(
                 },
             )
     return plan
+
+
+def plan_gear_sync(
+    conn: psycopg.Connection, policy: Policy, gear_name: str, *, now: datetime, catchup_window: timedelta
+) -> GearPlan:
+    """:func:`evaluate_gear` with ``apply=False`` on a synchronous connection (`atlasd status`)."""
+    key = {"policy": policy.name, "gear": gear_name}
+    cur = conn.cursor(row_factory=dict_row)
+    state, _ = _state_from(cur.execute(_STATE, key).fetchone(), now, _cron_key(policy.gears[gear_name]))
+    inputs = cur.execute(_INPUTS, _inputs_params(policy, gear_name, state, now)).fetchone()
+    return _plan(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode="auto")[0]
+
+
+def _state_from(row: dict[str, Any] | None, now: datetime, cron: str | None) -> tuple[_State, bool]:
+    """The gear's state (defaults when it has no row), and whether a new or changed cron schedule
+    was (re-)armed now."""
+    state = _State(**row) if row else _State(0, now, cron, None, None, None, None)
+    rearmed = cron is not None and state.cron_schedule != cron
+    if rearmed:
+        state.armed_at, state.cron_schedule = now, cron
+    return state, rearmed
+
+
+def _inputs_params(policy: Policy, gear_name: str, state: _State, now: datetime) -> dict[str, Any]:
+    gear = policy.gears[gear_name]
+    return {
+        "policy": policy.name,
+        "gear": gear_name,
+        "lo": state.last_window_hi,
+        "every": gear.trigger.batch.every if gear.trigger.batch else None,
+        "key": policy.learning_key,
+        "min_reward": gear.filters.min_reward,
+        "max_age": timedelta(days=gear.filters.max_age_days) if gear.filters.max_age_days else None,
+        "now": now,
+    }
+
+
+def _plan(
+    policy: Policy,
+    gear_name: str,
+    state: _State,
+    inputs: dict[str, Any],
+    *,
+    now: datetime,
+    catchup_window: timedelta,
+    mode: Mode,
+) -> tuple[GearPlan, datetime | None]:
+    gear = policy.gears[gear_name]
+    plan = GearPlan(
+        policy=policy.name,
+        gear=gear_name,
+        kind=gear.kind,
+        paused=inputs["paused"],
+        pending=inputs["pending"],
+        threshold=gear.trigger.batch.every if gear.trigger.batch else None,
+        last_window_hi=state.last_window_hi,
+        action="none",
+        trigger=None,
+        window_lo=None,
+        window_hi=None,
+        n_traces=0,
+        reason="",
+        last_fire_at=state.last_fire_at,
+        last_run_id=state.last_run_id,
+        queued_run_id=inputs["queued_run_id"] if gear.kind == "batch" else None,
+        skipped_fire_at=state.skipped_fire_at,
+        skipped_reason=state.skipped_reason,
+    )
+    fire_at = _decide(plan, gear, state, inputs, now=now, catchup_window=catchup_window, mode=mode)
+    return plan, fire_at
 
 
 def _decide(
@@ -368,22 +401,29 @@ async def paused_scopes(conn: psycopg.AsyncConnection) -> list[str]:
     return [r[0] for r in await cur.fetchall()]
 
 
-async def status_sections(settings: Settings, policies: PolicySet, now: datetime | None = None) -> dict[str, Any]:
-    """The `policies` and `runs` keys of `atlasd status`."""
-    async with await aconnect(settings.dsn, application_name="atlasd-status") as conn:
-        plans = await plan_all(conn, policies, settings, now or utc_now())
-        counts = await queue.counts_by_state(conn)
-    out: dict[str, Any] = {}
-    for p in plans:
-        out.setdefault(p.policy, {})[p.gear] = {
-            "kind": p.kind,
-            "pending": p.pending,
-            "threshold": p.threshold,
-            "next_fire_at": p.next_fire_at.isoformat() if p.next_fire_at else None,
-            "paused": p.paused,
-            "would_queue": p.action in ("enqueue", "coalesce"),
-        }
-    return {"policies": out, "runs": counts}
+def status_sections(conn: psycopg.Connection, settings: Settings) -> dict[str, Any]:
+    """The `atlasd status` keys `policies` (per policy and gear: pending, threshold, next fire,
+    paused, would queue now), `runs` (counts by state) and, when a policy file fails,
+    `policy_errors`; from the policy files on disk, on a synchronous connection."""
+    policies = PolicySet(settings.policies_dir)
+    report = policies.reload()
+    now = utc_now()
+    out: dict[str, Any] = {"policies": {}, "runs": queue.counts_by_state_sync(conn)}
+    for policy in policies.policies.values():
+        for gear in policy.gears:
+            p = plan_gear_sync(conn, policy, gear, now=now, catchup_window=catchup_window(policy, settings))
+            out["policies"].setdefault(p.policy, {})[p.gear] = {
+                "kind": p.kind,
+                "pending": p.pending,
+                "threshold": p.threshold,
+                "next_fire_at": p.next_fire_at.isoformat() if p.next_fire_at else None,
+                "paused": p.paused,
+                "would_queue": p.action in ("enqueue", "coalesce"),
+            }
+    conn.rollback()  # end the read transaction
+    if report.errors:
+        out["policy_errors"] = [str(issue) for issues in report.errors.values() for issue in issues]
+    return out
 
 
 # ---------------------------------------------------------------- the daemon component

@@ -303,11 +303,13 @@ async def list_runs(
 
 async def counts_by_state(conn: psycopg.AsyncConnection) -> dict[str, int]:
     """Every state, 0 included."""
-    counts = dict.fromkeys(STATES, 0)
-    async with conn.cursor() as cur:
-        await cur.execute(_COUNTS)
-        counts.update({state: n for state, n in await cur.fetchall()})
-    return counts
+    cur = await conn.execute(_COUNTS)
+    return {**dict.fromkeys(STATES, 0), **dict(await cur.fetchall())}
+
+
+def counts_by_state_sync(conn: psycopg.Connection) -> dict[str, int]:
+    """:func:`counts_by_state` on a synchronous connection (`atlasd status`)."""
+    return {**dict.fromkeys(STATES, 0), **dict(conn.execute(_COUNTS).fetchall())}
 
 
 async def _finish(

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from atlasd.cadence import status_sections
 from atlasd.listener import CHANNEL
 from atlasd.lock import DAEMON_LOCK_KEY, HEARTBEAT_STALE_S
 from atlasd.settings import Settings
@@ -20,6 +21,7 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
         "intake": _intake(conn),
         "listener": {"connected": daemon.pop("listener_connected"), "channel": CHANNEL},
         "daemon": daemon,
+        **status_sections(conn, settings),
     }
 
 
