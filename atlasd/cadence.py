@@ -464,6 +464,9 @@ class CadenceComponent:
     async def stop(self) -> None:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+            await asyncio.sleep(0)  # AsyncIOScheduler shuts down in a loop callback
+        async with self._eval_lock:  # let an evaluation in flight finish before the pool closes
+            pass
 
     def _load(self) -> None:
         report = self.policy_set.reload()
