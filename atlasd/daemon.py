@@ -74,6 +74,7 @@ class Daemon:
         self._beat = asyncio.Event()  # write the heartbeat row now (listener state changed)
         self._exit_code = 0
         self._tasks: set[asyncio.Task] = set()
+        self._started: list[Component] = []  # components whose start() returned, in order
 
     def request_reconcile(self, ids: Iterable[int] | None = None) -> None:
         """Ask the reconciler to look at these session ids soon (None: at every ready session)."""
@@ -113,7 +114,6 @@ class Daemon:
         listener = Listener(self.settings, self.request_reconcile, self._set_listener_state)
         self._spawn(listener.run(self.stopping))
         self._spawn(self._heartbeat_loop())
-        started: list[Component] = []
         try:
             await listener.first_attempt_done.wait()
             self._wakeup.take()
@@ -121,7 +121,7 @@ class Daemon:
             for component in self.components:
                 self.log.info("starting component", component_name=component.name)
                 await component.start(self)
-                started.append(component)
+                self._started.append(component)
             if not self.stopping.is_set():
                 self._spawn(self._reconcile_loop())
                 self.notifier.ready(status="ready")
@@ -141,7 +141,7 @@ class Daemon:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            for component in reversed(started):
+            for component in reversed(self._started):
                 try:
                     await component.stop()
                 except Exception:
@@ -214,7 +214,7 @@ class Daemon:
         if result.malformed:
             self.log.warning("malformed sessions recorded", reasons=result.reasons, example_session_ids=result.examples)
         if result.recorded:
-            for component in self.components:
+            for component in self._started:
                 try:
                     await component.on_intake(result.recorded)
                 except Exception:
@@ -223,7 +223,7 @@ class Daemon:
     async def _reload(self) -> None:
         self.log.info("reload requested", signal="SIGHUP")
         self.notifier.reloading()
-        for component in self.components:
+        for component in self._started:
             try:
                 await component.reload()
             except Exception:

@@ -1,0 +1,183 @@
+"""The intake reconciler against real Postgres: readiness, idempotence, batches, malformed rows,
+un-approval; and `atlasd status --json` on what it recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import psycopg
+import pytest
+
+from atlasd import intake
+from atlasd.cli import main
+
+VALID_META = '{"learning_key": "math", "agent": "demo"}'
+VALID_REWARD = '{"score": 0.75, "sample_count": 2}'
+
+
+@pytest.fixture()
+async def conn(db_url: str):
+    async with await psycopg.AsyncConnection.connect(db_url) as c:
+        yield c
+
+
+def add_sessions(db_url: str, n: int, *, status: str = "succeeded", review: str = "approved",
+                 metadata: str | None = VALID_META, reward_stats: str | None = VALID_REWARD) -> list[int]:
+    with psycopg.connect(db_url, autocommit=True) as c:
+        rows = c.execute(
+            """INSERT INTO sessions (task, status, review_status, metadata, reward_stats)
+               SELECT 't' || g, %s, %s, %s::jsonb, %s::jsonb FROM generate_series(1, %s) g RETURNING id""",
+            [status, review, metadata, reward_stats, n],
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
+    with psycopg.connect(db_url, autocommit=True) as c:
+        cur = c.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+async def test_full_reconcile_records_only_ready_sessions_once(db_url: str, conn) -> None:
+    ready = add_sessions(db_url, 40)
+    add_sessions(db_url, 5, status="running")  # auto-approved, not finished yet
+    add_sessions(db_url, 5, review="pending")
+    add_sessions(db_url, 5, review="quarantined")
+    add_sessions(db_url, 5, status="failed")
+
+    result = await intake.reconcile(conn, None, batch_size=7)  # several batches
+    assert (result.recorded, result.malformed, result.revoked) == (40, 0, 0)
+    again = await intake.reconcile(conn, None, batch_size=7)
+    assert not again.changed
+
+    rows = sql(db_url, "SELECT session_id, learning_key, reward_score, session_created_at IS NOT NULL FROM atlasd.intake")
+    assert sorted(r[0] for r in rows) == ready
+    assert {(r[1], r[2], r[3]) for r in rows} == {("math", 0.75, True)}
+    # seq is a gap-free recording order
+    assert sql(db_url, "SELECT max(seq) - min(seq) + 1, count(*) FROM atlasd.intake") == [(40, 40)]
+
+
+async def test_targeted_reconcile_follows_readiness_in_either_order(db_url: str, conn) -> None:
+    [auto] = add_sessions(db_url, 1, status="running")  # approved first, succeeds later
+    [reviewed] = add_sessions(db_url, 1, review="pending")  # succeeded first, approved later
+    [other] = add_sessions(db_url, 1)  # ready, but not hinted
+
+    hints = {auto, reviewed, 999_999}  # an unknown id is harmless
+    assert not (await intake.reconcile(conn, hints, batch_size=100)).changed
+    sql(db_url, "UPDATE sessions SET status = 'succeeded' WHERE id = %s", [auto])
+    sql(db_url, "UPDATE sessions SET review_status = 'approved' WHERE id = %s", [reviewed])
+    result = await intake.reconcile(conn, hints, batch_size=1)
+    assert result.recorded == 2
+    assert sorted(r[0] for r in sql(db_url, "SELECT session_id FROM atlasd.intake")) == sorted([auto, reviewed])
+    # the full path picks up what no hint named
+    assert (await intake.reconcile(conn, None, batch_size=100)).recorded == 1
+    assert sql(db_url, "SELECT count(*) FROM atlasd.intake WHERE session_id = %s", [other]) == [(1,)]
+
+
+MALFORMED = {
+    "metadata is not a JSON object": ('["not", "an", "object"]', VALID_REWARD),
+    "metadata.learning_key is missing or not a string": ('{"learning_key": 7}', VALID_REWARD),
+    "reward_stats is missing or not a JSON object": (VALID_META, None),
+    "reward_stats.score is missing or not a JSON number": (VALID_META, '{"score": "0.5"}'),
+    "reward_stats.score is outside [0, 1]": (VALID_META, '{"score": 1.5}'),
+}
+
+
+async def test_malformed_rows_are_recorded_once_with_reasons(db_url: str, conn) -> None:
+    valid = []
+    for reason, (metadata, reward) in MALFORMED.items():
+        valid += add_sessions(db_url, 100)
+        add_sessions(db_url, 200, metadata=metadata, reward_stats=reward)
+    add_sessions(db_url, 1, metadata=None)
+
+    result = await intake.reconcile(conn, None, batch_size=333)
+    assert result.recorded == len(valid)
+    assert result.malformed == 1001
+    assert result.reasons == {
+        **{reason: 200 for reason in MALFORMED},
+        "metadata is not a JSON object": 201,  # the array ones and the SQL NULL one
+    }
+    assert all(isinstance(i, int) for i in result.examples.values())
+    assert not (await intake.reconcile(conn, None, batch_size=333)).changed  # recorded once, never again
+
+    usable = sql(db_url, "SELECT count(*), count(reward_score) FROM atlasd.intake WHERE malformed IS NULL")
+    assert usable == [(len(valid), len(valid))]
+    assert sql(db_url, "SELECT count(*) FROM atlasd.intake WHERE malformed IS NOT NULL AND reward_score IS NOT NULL") == [(0,)]
+
+
+async def test_unapproval_revokes_and_reapproval_restores_without_a_second_record(db_url: str, conn) -> None:
+    [sid, keep] = add_sessions(db_url, 2)
+    await intake.reconcile(conn, None, batch_size=10)
+    [(seq,)] = sql(db_url, "SELECT seq FROM atlasd.intake WHERE session_id = %s", [sid])
+
+    sql(db_url, "UPDATE sessions SET review_status = 'quarantined' WHERE id = %s", [sid])
+    assert (await intake.reconcile(conn, {sid}, batch_size=10)).revoked == 1
+    assert sql(db_url, "SELECT revoked_at IS NOT NULL FROM atlasd.intake WHERE session_id = %s", [sid]) == [(True,)]
+    assert not (await intake.reconcile(conn, None, batch_size=10)).changed  # revoked once
+
+    sql(db_url, "UPDATE sessions SET review_status = 'approved' WHERE id = %s", [sid])
+    assert (await intake.reconcile(conn, None, batch_size=10)).restored == 1  # the full path sees it too
+    assert sql(db_url, "SELECT seq, revoked_at FROM atlasd.intake WHERE session_id = %s", [sid]) == [(seq, None)]
+
+    sql(db_url, "DELETE FROM sessions WHERE id = %s", [keep])  # the SDK deleted it: no longer ready
+    assert (await intake.reconcile(conn, None, batch_size=10)).revoked == 1
+    assert sql(db_url, "SELECT count(*) FROM atlasd.intake") == [(2,)]
+
+
+def test_payload_hints() -> None:
+    assert intake.parse_payload("3,1,3") == {1, 3}
+    assert intake.parse_payload("*") is None
+    assert intake.parse_payload("") is None
+    assert intake.parse_payload("1,x") is None  # unreadable hint: look at everything
+
+
+async def test_wakeup_coalesces_hints() -> None:
+    wake = intake.Wakeup(max_ids=3)
+    wake.request({1, 2})
+    wake.request({2})
+    assert await wake.wait(timeout=1) == {1, 2}
+    assert await wake.wait(timeout=0.01) is None  # nothing asked: the slow poll, a full reconcile
+    wake.request({1, 2})
+    wake.request({3, 4})  # more than max_ids: everything
+    assert await wake.wait(timeout=1) is None
+    wake.request({5})
+    wake.request(None)
+    assert wake.take() is None
+
+
+def test_status_json_counts_the_intake(db_url: str, tmp_path, monkeypatch, capsys) -> None:
+    async def reconcile_all() -> None:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            await intake.reconcile(conn, None, batch_size=100)
+
+    add_sessions(db_url, 3)
+    add_sessions(db_url, 2, metadata='{"learning_key": "code"}')
+    add_sessions(db_url, 1, reward_stats=None)
+    [revoked] = add_sessions(db_url, 1)
+    asyncio.run(reconcile_all())
+    sql(db_url, "UPDATE sessions SET review_status = 'pending' WHERE id = %s", [revoked])
+    asyncio.run(reconcile_all())
+    add_sessions(db_url, 4)  # ready, not yet recorded
+
+    monkeypatch.setenv("ATLASD_DB_URL", db_url)
+    monkeypatch.setenv("ATLASD_POLICIES_DIR", str(tmp_path))
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["intake"] | {"last_recorded_at": None} == {
+        "total": 7,
+        "usable": 6,
+        "by_learning_key": {"math": 4, "code": 2},
+        "malformed": 1,
+        "malformed_reasons": {"reward_stats is missing or not a JSON object": 1},
+        "revoked": 1,
+        "backlog": 4,
+        "last_seq": 7,
+        "last_recorded_at": None,
+    }
+    assert status["listener"]["connected"] is False  # no daemon
+    assert status["daemon"]["running"] is False
+
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out
+    assert "by_learning_key:" in table and "backlog" in table
