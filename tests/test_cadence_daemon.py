@@ -12,6 +12,7 @@ import yaml
 
 from atlasd.cli import main
 from tests.daemonproc import DaemonProcess, wait_until
+from tests.test_policies import write_malformed_cases
 
 
 def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
@@ -47,12 +48,18 @@ def policy(every: int) -> dict:
 def test_daemon_queues_runs_and_reloads_on_sighup(db_url: str, tmp_path: Path, monkeypatch) -> None:
     write(tmp_path, "p.yaml", policy(5))
     write(tmp_path, "broken.yaml", {**policy(5), "gears": {"hq": {"trigger": {"cron": {"expr": "0 3 * * 0"}}}}})
+    malformed = write_malformed_cases(tmp_path)  # the 100 malformed files of test_policies, side by side
     monkeypatch.setenv("ATLASD_DB_URL", db_url)
     monkeypatch.setenv("ATLASD_POLICIES_DIR", str(tmp_path))
     with DaemonProcess(db_url, tmp_path / "state", ATLASD_POLICIES_DIR=str(tmp_path)) as daemon:
         daemon.wait_for("ready")
-        invalid = daemon.wait_for("invalid policy file", component="cadence")
-        assert invalid["file"] == str(tmp_path / "broken.yaml") and invalid["field"] == "gears.hq.trigger.cron"
+        daemon.wait_for("invalid policy file", component="cadence")
+        invalid = daemon.find("invalid policy file", component="cadence")
+        [broken] = [e for e in invalid if e["file"] == str(tmp_path / "broken.yaml")]
+        assert (broken["line"], broken["field"]) == (4, "gears.hq.trigger.cron") and "ambiguous" in broken["reason"]
+        reported = {e["file"] for e in invalid}
+        assert reported == {str(tmp_path / "broken.yaml")} | {str(f) for f in malformed}
+        assert daemon.find("policies loaded", component="cadence")[0]["policies"] == ["p"]
 
         approve(db_url, 4)
         approve(db_url, 1, reward=0.1)  # below min_reward: does not count
@@ -66,7 +73,7 @@ def test_daemon_queues_runs_and_reloads_on_sighup(db_url: str, tmp_path: Path, m
         assert main(["reload"]) == 1  # sent; exit 1 because p.yaml is now broken
         loaded = daemon.wait_for("policies loaded", count=2, component="cadence")
         assert (loaded["added"], loaded["kept_previous"], loaded["policies"]) == (["q"], ["p"], ["p", "q"])
-        assert sorted(loaded["failed_files"]) == [str(tmp_path / "broken.yaml"), str(tmp_path / "p.yaml")]
+        assert str(tmp_path / "p.yaml") in loaded["failed_files"] and len(loaded["failed_files"]) == len(malformed) + 2
         wait_until(lambda: batch_runs(db_url, "q"), 30, "policy q's first run (the reload evaluates it)")
 
         approve(db_url, 5)  # p still runs its previous version (every 5)

@@ -182,7 +182,7 @@ TEXT_CASES: list[tuple[str, str | bytes, str]] = [
 assert len(FIELD_CASES) + len(TEXT_CASES) >= 100
 
 
-def _write_cases(folder: Path) -> dict[Path, tuple[str, str, bool]]:
+def write_malformed_cases(folder: Path) -> dict[Path, tuple[str, str, bool]]:
     """Write every malformed case; returns path -> (expected field or reason, kind)."""
     out = {}
     for case, path, value, field in FIELD_CASES:
@@ -197,7 +197,7 @@ def _write_cases(folder: Path) -> dict[Path, tuple[str, str, bool]]:
 
 
 def test_one_hundred_malformed_policies_each_name_file_line_and_field(tmp_path: Path) -> None:
-    cases = _write_cases(tmp_path)
+    cases = write_malformed_cases(tmp_path)
     assert len(cases) >= 100
     for file, (expected, case, is_field) in cases.items():
         with pytest.raises(PolicyFileError) as info:
@@ -278,7 +278,7 @@ def test_two_files_with_one_name_and_a_hundred_broken_files_next_to_a_good_one(t
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    cases = _write_cases(broken)
+    cases = write_malformed_cases(broken)
     (broken / "good.yaml").write_text(yaml.safe_dump(BASE))
     many = PolicySet(broken)
     report = many.reload()
