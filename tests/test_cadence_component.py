@@ -4,17 +4,25 @@ timer; the clock is injected. (The daemon-level tests run `python -m atlasd run`
 from __future__ import annotations
 
 import asyncio
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import pytest
 import yaml
 from psycopg_pool import AsyncConnectionPool
 
 from atlasd import queue
 from atlasd.cadence import CadenceComponent
+from atlasd.logging import configure_logging
 from atlasd.settings import load_settings
 from tests.cadence_support import Clock, record, utc
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stdout() -> None:
+    configure_logging("json", "info", stream=sys.stdout)  # not a stream an earlier CLI test closed
 
 
 class FakeDaemon:
