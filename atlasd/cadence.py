@@ -114,7 +114,7 @@ SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*')) AS
           FROM atlasd.intake
          WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
            AND (%(key)s::text IS NULL OR learning_key = %(key)s::text)
-           AND COALESCE(reward_score, 0) >= %(min_reward)s
+           AND COALESCE(reward_score, -1) >= %(min_reward)s  -- no reward never passes (as trainers/dataset.py)
            AND (%(max_age)s::interval IS NULL
                 OR COALESCE(session_created_at, approved_at) >= %(now)s - %(max_age)s::interval)) t"""
 

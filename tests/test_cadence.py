@@ -94,7 +94,7 @@ async def test_batch_counts_only_traces_passing_the_filters(db_url: str) -> None
         await record(conn, 1, key="math", reward=0.95, created_at=now - timedelta(days=30))  # too old
         await record(conn, 1, key="math", reward=0.95, malformed="no usable message")
         await record(conn, 1, key="math", reward=0.95, revoked=True)  # quarantined after approval
-        await record(conn, 1, key="math", reward=None)  # no reward: fails min_reward
+        await record(conn, 1, key="math", reward=None)  # no reward: never passes
         p = await evaluate_gear(conn, policy, "fast", now=now, catchup_window=DAY)
         assert (p.action, p.pending, p.reason) == ("none", 2, "2/3 new traces")
         [third] = await record(conn, 1, key="math", reward=0.8)
@@ -108,7 +108,7 @@ async def test_batch_counts_only_traces_passing_the_filters(db_url: str) -> None
 
         everything = make_policy(name="all", fast=batch_gear(3, min_reward=0.0))
         p = await evaluate_gear(conn, everything, "fast", now=now, catchup_window=DAY, apply=False)
-        assert p.pending == 8  # every usable row (not malformed, not revoked) of every key; NULL reward = 0
+        assert p.pending == 7  # every usable row (not malformed, not revoked) of every key with a reward
 
 
 async def test_min_interval_holds_a_batch_until_it_passes(db_url: str) -> None:
