@@ -193,6 +193,7 @@ class Daemon:
             await self._reconcile(ids)
 
     async def _reconcile(self, ids: set[int] | None) -> None:
+        t0 = time.monotonic()
         try:
             async with self.pool.connection() as conn:
                 result = await intake.reconcile(conn, ids, self.settings.intake_batch_size)
@@ -210,6 +211,7 @@ class Daemon:
                 malformed=result.malformed,
                 revoked=result.revoked,
                 restored=result.restored,
+                duration_ms=round((time.monotonic() - t0) * 1000, 1),
             )
         if result.malformed:
             self.log.warning("malformed sessions recorded", reasons=result.reasons, example_session_ids=result.examples)

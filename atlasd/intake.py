@@ -50,7 +50,6 @@ _INSERT = sql.SQL(
                s.reward_stats
           FROM public.sessions s
          WHERE {ready} AND {filter}
-           AND NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id)
          LIMIT %(limit)s
     ), ins AS (
         INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed)
@@ -68,17 +67,25 @@ _INSERT = sql.SQL(
       FROM (SELECT malformed, count(*) AS n, min(session_id) AS first_id FROM ins GROUP BY malformed) g"""
 )
 
-# revoke rows whose session is no longer ready; restore revoked rows whose session is ready again
-_REVOKE = sql.SQL(
-    """UPDATE atlasd.intake i SET revoked_at = now()
-        WHERE i.revoked_at IS NULL AND {filter}
-          AND NOT EXISTS (SELECT 1 FROM public.sessions s WHERE s.id = i.session_id AND {ready})"""
+# One statement, driven from the intake side (a primary-key probe of `sessions` per row, whatever
+# the planner's statistics): revoke rows whose session is no longer ready, restore revoked rows
+# whose session is ready again.
+_REVOCATIONS = sql.SQL(
+    """WITH changed AS (
+        UPDATE atlasd.intake i SET revoked_at = CASE WHEN c.ready THEN NULL ELSE now() END
+          FROM (SELECT x.session_id,
+                       EXISTS (SELECT 1 FROM public.sessions s WHERE s.id = x.session_id AND {ready}) AS ready
+                  FROM atlasd.intake x WHERE {filter}) c
+         WHERE i.session_id = c.session_id AND (i.revoked_at IS NULL) <> c.ready
+        RETURNING c.ready
+    )
+    SELECT count(*) FILTER (WHERE NOT ready), count(*) FILTER (WHERE ready) FROM changed"""
 )
-_RESTORE = sql.SQL(
-    """UPDATE atlasd.intake i SET revoked_at = NULL
-         FROM public.sessions s
-        WHERE i.revoked_at IS NOT NULL AND {filter} AND s.id = i.session_id AND {ready}"""
-)
+
+
+# The full path's anti-join (a hash anti-join over the intake); the targeted path instead probes
+# the primary key through ON CONFLICT, which stays cheap however large the intake grows.
+_UNRECORDED = sql.SQL("NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id)")
 
 
 @dataclass
@@ -120,7 +127,7 @@ async def reconcile(conn: psycopg.AsyncConnection, ids: Iterable[int] | None, ba
     result = IntakeResult()
     if ids is None:
         while True:
-            batch, selected = await _insert_batch(conn, sql.SQL("true"), {}, batch_size)
+            batch, selected = await _insert_batch(conn, _UNRECORDED, {}, batch_size)
             result.add(batch)
             if selected < batch_size:  # fewer unrecorded ready sessions than the limit: done
                 break
@@ -131,7 +138,7 @@ async def reconcile(conn: psycopg.AsyncConnection, ids: Iterable[int] | None, ba
         chunk = {"ids": wanted[start : start + batch_size]}
         batch, _ = await _insert_batch(conn, sql.SQL("s.id = ANY(%(ids)s)"), chunk, batch_size)
         result.add(batch)
-        result.add(await _revocations(conn, sql.SQL("i.session_id = ANY(%(ids)s)"), chunk))
+        result.add(await _revocations(conn, sql.SQL("x.session_id = ANY(%(ids)s)"), chunk))
     return result
 
 
@@ -150,9 +157,9 @@ async def _insert_batch(
 
 async def _revocations(conn: psycopg.AsyncConnection, where: sql.Composable, params: dict) -> IntakeResult:
     async with conn.transaction():
-        revoked = await conn.execute(_REVOKE.format(filter=where, ready=sql.SQL(READY)), params)
-        restored = await conn.execute(_RESTORE.format(filter=where, ready=sql.SQL(READY)), params)
-    return IntakeResult(revoked=revoked.rowcount, restored=restored.rowcount)
+        cur = await conn.execute(_REVOCATIONS.format(filter=where, ready=sql.SQL(READY)), params)
+        revoked, restored = await cur.fetchone()
+    return IntakeResult(revoked=revoked, restored=restored)
 
 
 class Wakeup:

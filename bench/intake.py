@@ -1,0 +1,208 @@
+"""Intake benchmark: approval -> intake latency, burst throughput, daemon RSS and start-up time.
+
+    python -m bench.intake [--singles 1000] [--burst 100000] [--writers 8]
+    make bench-intake
+
+It creates a throw-away database on the test server (``ATLASD_TEST_PG_URL``, default
+postgresql://postgres@127.0.0.1:5432/postgres), runs the real daemon (``python -m atlasd run``)
+against it with the slow poll off (NOTIFY does the work), and drops the database at the end.
+
+* latency: ``--singles`` sessions approved one at a time (one autocommit UPDATE each, as the
+  SDK's review CLI does); from the UPDATE's commit until the row is in ``atlasd.intake``
+  (observed by polling every 0.2 ms from another connection).
+* burst: ``--burst`` sessions approved by ``--writers`` concurrent asyncpg connections in
+  statements of 100 ids; traces/s from the first approval until the last one is recorded,
+  then a count check (each ready session recorded exactly once).
+* backlog: ``--burst`` more sessions approved while the daemon is stopped; time from exec until
+  "ready" (the start-up full reconcile records them all before it says ready), and a count check.
+* the daemon's RSS when idle and its peak, time from exec to "ready", and that no heavy module
+  (torch, transformers, trl, mlflow) is loaded: from its "ready" log line and /proc/PID/maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import psycopg
+
+from atlasd.daemon import HEAVY_MODULES
+from atlasd.db.migrate import init_sdk_schema, migrate
+from tests import pg
+from tests.daemonproc import DaemonProcess, wait_until
+
+TARGETS = {"p50_ms": 50.0, "traces_per_s": 5000.0, "rss_mb": 80.0}
+CHUNK = 100
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def heavy_libraries(pid: int) -> list[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({name for name in ("libtorch", "libc10", "torch/_C", "mlflow") if name in maps})
+
+
+def add_pending(url: str, n: int) -> list[int]:
+    """Sessions that succeeded and wait for review (not ready: no NOTIFY)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            """INSERT INTO sessions (task, status, metadata, reward_stats)
+               SELECT 'task ' || g, 'succeeded', jsonb_build_object('learning_key', 'key-' || (g %% 4)),
+                      jsonb_build_object('score', (g %% 100) / 100.0)
+                 FROM generate_series(1, %s) g RETURNING id""",
+            [n],
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+async def single_latencies(url: str, ids: list[int]) -> list[float]:
+    writer = await asyncpg.connect(url)
+    reader = await asyncpg.connect(url)
+    latencies = []
+    try:
+        for sid in ids:
+            await writer.execute("UPDATE sessions SET review_status = 'approved' WHERE id = $1", sid)
+            t0 = time.perf_counter()
+            while not await reader.fetchval("SELECT EXISTS (SELECT 1 FROM atlasd.intake WHERE session_id = $1)", sid):
+                if time.perf_counter() - t0 > 10:
+                    raise AssertionError(f"session {sid} not recorded within 10 s")
+                await asyncio.sleep(0.0002)
+            latencies.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await writer.close()
+        await reader.close()
+    return latencies
+
+
+async def approve_burst(url: str, ids: list[int], writers: int) -> float:
+    chunks = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
+
+    async def writer(w: int) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for chunk in chunks[w::writers]:
+                await conn.execute("UPDATE sessions SET review_status = 'approved' WHERE id = ANY($1::int[])", chunk)
+        finally:
+            await conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def run(singles: int, burst: int, writers: int) -> int:
+    name = pg.create_database("atlasd_bench")
+    url = pg.url_for(name)
+
+    def recorded() -> int:
+        with psycopg.connect(url) as conn:
+            return conn.execute("SELECT count(*) FROM atlasd.intake").fetchone()[0]
+
+    try:
+        init_sdk_schema(url)
+        migrate(url)
+        single_ids = add_pending(url, singles)
+        burst_ids = add_pending(url, burst)
+        backlog_ids = add_pending(url, burst)
+
+        with tempfile.TemporaryDirectory() as state, DaemonProcess(url, Path(state)) as daemon:
+            ready = daemon.wait_for("ready", timeout=60)
+            to_ready = ready["_t"] - daemon.started_at
+            time.sleep(2)  # settle, then measure idle memory
+            idle_rss = rss_mb(daemon.pid)
+            heavy = sorted(set(ready["heavy_modules"]) | set(heavy_libraries(daemon.pid)))
+
+            latencies = asyncio.run(single_latencies(url, single_ids))
+            p50, p99 = statistics.median(latencies), percentile(latencies, 99)
+
+            t0 = asyncio.run(approve_burst(url, burst_ids, writers))
+            approved_s = time.perf_counter() - t0
+            wait_until(lambda: recorded() >= singles + burst, 600, f"{burst} burst sessions", interval=0.02)
+            burst_s = time.perf_counter() - t0
+            with psycopg.connect(url) as conn:
+                total, distinct, missing = conn.execute(
+                    """SELECT count(*), count(DISTINCT session_id),
+                              (SELECT count(*) FROM sessions s WHERE s.review_status = 'approved'
+                                  AND s.status = 'succeeded'
+                                  AND NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id))
+                         FROM atlasd.intake"""
+                ).fetchone()
+            peak_rss = rss_mb(daemon.pid, "VmHWM")
+            stop_rc = daemon.stop()
+
+        # a backlog approved while the daemon is down: the full reconcile at start records it
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE sessions SET review_status = 'approved' WHERE id = ANY(%s)", [backlog_ids])
+        with tempfile.TemporaryDirectory() as state, DaemonProcess(url, Path(state)) as daemon:
+            backlog_ready = daemon.wait_for("ready", timeout=600)
+            backlog_s = backlog_ready["_t"] - daemon.started_at
+            backlog_total = recorded()
+            daemon.stop()
+    finally:
+        pg.drop_database(name)
+
+    rate = burst / burst_s
+    lost = singles + burst - total + missing
+    backlog_lost = singles + 2 * burst - backlog_total
+    rows = [
+        ("approval -> intake latency p50", f"{p50:.1f} ms", f"<= {TARGETS['p50_ms']:.0f} ms"),
+        ("approval -> intake latency p99", f"{p99:.1f} ms", f"(n = {len(latencies)} single approvals)"),
+        ("burst: approvals committed in", f"{approved_s:.2f} s", f"{burst} sessions, {writers} writers x {CHUNK}/stmt"),
+        ("burst: all recorded after", f"{burst_s:.2f} s", "from the first approval"),
+        ("burst throughput", f"{rate:,.0f} traces/s", f">= {TARGETS['traces_per_s']:,.0f}"),
+        ("count check", f"{total} recorded, {distinct} distinct, {lost} lost", "0 lost, each once"),
+        ("backlog at start: ready after", f"{backlog_s:.2f} s", f"{burst} approved while stopped, {backlog_lost} lost"),
+        ("daemon idle RSS", f"{idle_rss:.1f} MB", f"<= {TARGETS['rss_mb']:.0f} MB"),
+        ("daemon peak RSS (VmHWM)", f"{peak_rss:.1f} MB", "after the burst"),
+        ("daemon time to ready", f"{to_ready:.2f} s", "exec -> 'ready' log line"),
+        ("heavy modules in daemon", ", ".join(heavy) or "none", f"none of {', '.join(HEAVY_MODULES)}"),
+        ("daemon exit on SIGTERM", str(stop_rc), "0"),
+    ]
+    checks = {
+        f"p50 {p50:.1f} ms > {TARGETS['p50_ms']} ms": p50 > TARGETS["p50_ms"],
+        f"{rate:.0f} traces/s < {TARGETS['traces_per_s']}": rate < TARGETS["traces_per_s"],
+        f"{lost} lost or {total - distinct} duplicated": lost != 0 or total != distinct,
+        f"{backlog_lost} of the backlog lost": backlog_lost != 0,
+        f"idle RSS {idle_rss:.1f} MB > {TARGETS['rss_mb']} MB": idle_rss > TARGETS["rss_mb"],
+        f"heavy modules loaded: {heavy}": bool(heavy),
+        f"daemon exit status {stop_rc}": stop_rc != 0,
+    }
+    failures = [what for what, failed in checks.items() if failed]
+
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    print(f"{'measure'.ljust(width)}  {'value'.ljust(vwidth)}  target / note")
+    print(f"{'-' * width}  {'-' * vwidth}  {'-' * 30}")
+    for measure, value, note in rows:
+        print(f"{measure.ljust(width)}  {value.ljust(vwidth)}  {note}")
+    if failures:
+        print("\nMISSED: " + "; ".join(failures))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.intake", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--singles", type=int, default=1000, help="single approvals timed for latency (>= 2)")
+    parser.add_argument("--burst", type=int, default=100_000, help="approvals in the burst")
+    parser.add_argument("--writers", type=int, default=8, help="concurrent approving connections in the burst")
+    args = parser.parse_args(argv)
+    return run(max(2, args.singles), args.burst, args.writers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
