@@ -15,6 +15,7 @@ from atlasd import __version__
 # modules exposing ``register(subparsers)``; each subcommand sets ``func(args) -> int``
 COMMAND_MODULES = [
     "atlasd.commands.db",
+    "atlasd.commands.models",
     "atlasd.commands.run",
     "atlasd.commands.status",
     "atlasd.commands.policies",

@@ -69,6 +69,18 @@ class Settings(BaseSettings):
         default=86400.0, ge=0, description="A cron tick missed while down runs once at start if this recent (s)."
     )
 
+    # registry child (python -m registry) and promotion hooks
+    registry_source: Literal["artifacts", "path"] = Field(
+        default="artifacts",
+        description="Register a checkpoint as MLflow run artifacts (a copy) or by its local path (no copy; keep the run folder).",
+    )
+    promotion_notify: bool = Field(default=True, description="NOTIFY atlasd_promotions {model, version, policy} when the champion moves.")
+    promotion_hook: list[str] | None = Field(
+        default=None,
+        description='Command run without a shell when the champion moves, a JSON list (e.g. ["/usr/local/bin/reload-model"]); '
+        "it gets ATLASD_PROMOTION_{MODEL,VERSION,POLICY,ACTION} in its environment.",
+    )
+
     @field_validator("db_url")
     @classmethod
     def _check_db_url(cls, value: SecretStr) -> SecretStr:

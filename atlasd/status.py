@@ -11,6 +11,7 @@ import psycopg
 from atlasd.cadence import status_sections
 from atlasd.listener import CHANNEL
 from atlasd.lock import DAEMON_LOCK_KEY, HEARTBEAT_STALE_S
+from atlasd.promotions import champions
 from atlasd.settings import Settings
 
 
@@ -21,6 +22,7 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
         "intake": _intake(conn),
         "listener": {"connected": daemon.pop("listener_connected"), "channel": CHANNEL},
         "daemon": daemon,
+        "champion": champions(conn),  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
         **status_sections(conn, settings),
     }
 

@@ -106,7 +106,7 @@ class Registry:
 
     def alias(self, name: str, alias: str) -> ModelVersion | None:
         version = self.client.get_registered_model(name).aliases.get(alias)
-        return self.version(name, version) if version else None
+        return self.version(name, version) if version is not None else None
 
     def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -196,7 +196,7 @@ class Registry:
         out = []
         for pol, name in sorted(names.items()):
             rm = self.client.get_registered_model(name)
-            out.append({"policy": pol, "registered_model": name, "aliases": dict(rm.aliases),
+            out.append({"policy": pol, "registered_model": name, "aliases": {a: str(v) for a, v in rm.aliases.items()},
                         "versions": [self.describe(mv) for mv in self.versions(name)]})
         return out
 

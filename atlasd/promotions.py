@@ -1,0 +1,340 @@
+"""Daemon side of the model registry: runs ``python -m registry ...`` as a child (the daemon never
+imports mlflow), records each decision in ``atlasd.promotions``, retries registrations while the
+MLflow store is unavailable (``atlasd.registrations``), and runs the post-promotion hook.
+
+Entry points:
+- the runner, after a run ends (any status): ``await finalize_run(settings, run_id, spec_path,
+  result_path, log_path)``; it never raises for a registry failure (the row stays pending and is
+  retried by :class:`RegistrationRetrier`, component ``atlasd.promotions``);
+- the runner, before a run: ``await champion(settings, policy_name)`` -> ``{"champion": version |
+  None, "path": local checkpoint folder | None, ...}`` for ``RunSpec.student``/``champion_version``;
+  ``mlflow_target(settings, policy)`` for ``RunSpec.mlflow``;
+- the CLI: ``list_models``, ``force_promote``, ``rollback`` (via ``asyncio.run``);
+- ``atlasd status``: ``champions(conn)``, the current champion per policy from the audit table.
+
+Post-promotion hook (when the champion moves: promote, force, rollback): ``NOTIFY
+atlasd_promotions '{"model", "version", "policy"}'`` (in the transaction that writes the audit
+row; ``ATLASD_PROMOTION_NOTIFY``), then ``ATLASD_PROMOTION_HOOK`` (a JSON argv list, run without
+a shell, 60 s limit, environment ``ATLASD_PROMOTION_{MODEL,VERSION,POLICY,ACTION}``). What the
+hook did is stored in ``atlasd.promotions.hook``; a failing hook never undoes a promotion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from atlasd.db import aconnect
+from atlasd.logging import get_logger
+from atlasd.runspec import MlflowTarget
+from atlasd.settings import Settings, redact_url
+from registry import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE
+
+if TYPE_CHECKING:
+    from atlasd.policies import Policy
+
+CHANNEL = "atlasd_promotions"
+REGISTRY_TIMEOUT_S = 3600.0  # finalize may upload a large checkpoint or re-measure the champion
+HOOK_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 10  # registration attempts before a run's row is marked failed
+LOCK_CLASS = 0x61746C61  # pg_advisory_lock(LOCK_CLASS, run_id): one finalize per run at a time
+CHAMPION_MOVES = ("promote", "force", "rollback")
+
+
+class RegistryCallError(RuntimeError):
+    """The registry child refused or failed; the message is safe to show (no password)."""
+
+    def __init__(self, outcome: RegistryOutcome):
+        self.outcome = outcome
+        super().__init__(outcome.error)
+
+
+@dataclass(frozen=True)
+class RegistryOutcome:
+    code: int
+    payload: dict[str, Any]
+    stderr_tail: str
+
+    @property
+    def error(self) -> str:
+        return redact_url(self.payload.get("error") or self.stderr_tail or f"exit {self.code}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.code not in (EXIT_OK, EXIT_BAD_INPUT)
+
+
+def mlflow_target(settings: Settings, policy: Policy) -> MlflowTarget:
+    """RunSpec.mlflow for a run of ``policy``: experiment ``atlasd/<policy>``, the policy's model."""
+    return MlflowTarget(tracking_uri=settings.tracking_uri, experiment=f"atlasd/{policy.name}",
+                        registered_model=policy.model_name)
+
+
+def actor_name() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def _cache_dir(settings: Settings) -> str:
+    return str(settings.state_dir.resolve() / "registry-cache")
+
+
+async def run_registry(settings: Settings, *args: str, timeout_s: float = REGISTRY_TIMEOUT_S) -> RegistryOutcome:
+    """``python -m registry ARGS`` with the tracking URI in its environment (not in argv)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_REGISTRY_URI": settings.tracking_uri}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "registry", *args, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return RegistryOutcome(EXIT_UNAVAILABLE, {"error": f"python -m registry {args[0]} timed out after {timeout_s:g} s"}, "")
+    tail = redact_url(stderr.decode(errors="replace")[-4000:])
+    lines = [ln for ln in stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
+    try:
+        payload = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        payload = {}
+    code = proc.returncode if payload or proc.returncode != EXIT_OK else 1
+    if not payload:
+        payload = {"error": f"python -m registry {args[0]} exited {proc.returncode} without a JSON result: {tail[-500:]}"}
+    return RegistryOutcome(code, payload, tail)
+
+
+async def _call(settings: Settings, *args: str) -> dict:
+    outcome = await run_registry(settings, *args)
+    if outcome.code != EXIT_OK:
+        raise RegistryCallError(outcome)
+    return outcome.payload
+
+
+# ---------------------------------------------------------------- audit and hooks
+async def _record(conn: psycopg.AsyncConnection, *, policy: str, model: str, from_version: str | None,
+                  to_version: str, action: str, reason: str, checks: list, actor: str,
+                  atlasd_run_id: int | None = None, mlflow_run_id: str | None = None,
+                  notify: bool) -> int | None:
+    """Insert the audit row (and NOTIFY, delivered at commit). None when this run's gate decision
+    was already recorded by an earlier attempt."""
+    cur = await conn.execute(
+        """INSERT INTO atlasd.promotions (policy, registered_model, from_version, to_version, action, reason,
+                                          checks, actor, atlasd_run_id, mlflow_run_id)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (atlasd_run_id) WHERE action IN ('promote', 'reject') DO NOTHING
+           RETURNING id""",
+        [policy, model, from_version, to_version, action, reason, Jsonb(checks), actor, atlasd_run_id, mlflow_run_id],
+    )
+    row = await cur.fetchone()
+    if row and notify and action in CHAMPION_MOVES:
+        await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, json.dumps(
+            {"model": model, "version": to_version, "policy": policy})])
+    return row[0] if row else None
+
+
+async def _run_hook(settings: Settings, conn: psycopg.AsyncConnection, promotion_id: int, *, policy: str,
+                    model: str, version: str, action: str) -> str:
+    parts = ["notified"] if settings.promotion_notify else []
+    if settings.promotion_hook:
+        env = {**os.environ, "ATLASD_PROMOTION_MODEL": model, "ATLASD_PROMOTION_VERSION": version,
+               "ATLASD_PROMOTION_POLICY": policy, "ATLASD_PROMOTION_ACTION": action}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *settings.promotion_hook, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT_S)
+                parts.append(f"hook exit {proc.returncode}: {out.decode(errors='replace').strip()[-500:]}")
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                parts.append(f"hook killed after {HOOK_TIMEOUT_S:g} s")
+        except OSError as exc:
+            parts.append(f"hook not started: {exc}")
+        get_logger("registry").info("promotion hook", policy=policy, model=model, version=version, hook=parts[-1])
+    text = "; ".join(parts) or "none"
+    await conn.execute("UPDATE atlasd.promotions SET hook = %s WHERE id = %s", [text, promotion_id])
+    return text
+
+
+async def _audit_operator_action(settings: Settings, payload: dict) -> dict:
+    async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
+        async with conn.transaction():
+            pid = await _record(conn, policy=payload["policy"], model=payload["registered_model"],
+                                from_version=payload["from_version"], to_version=payload["to_version"],
+                                action=payload["action"], reason=payload["reason"], checks=payload["checks"],
+                                actor=payload["actor"], notify=settings.promotion_notify)
+        payload["promotion_id"] = pid
+        payload["hook"] = await _run_hook(settings, conn, pid, policy=payload["policy"],
+                                          model=payload["registered_model"], version=payload["to_version"],
+                                          action=payload["action"])
+    return payload
+
+
+# ---------------------------------------------------------------- operator actions
+async def list_models(settings: Settings, policy: str | None = None) -> dict:
+    return await _call(settings, "models", *(["--policy", policy] if policy else []))
+
+
+async def champion(settings: Settings, policy: str) -> dict:
+    """The policy's champion and a local folder with its checkpoint (``{"champion": None}`` if none
+    yet). Raises RegistryCallError (``.outcome.retryable``) when the registry cannot answer; a
+    policy with no registered model yet answers ``{"champion": None}``."""
+    outcome = await run_registry(settings, "champion", "--policy", policy, "--cache-dir", _cache_dir(settings))
+    if outcome.code == EXIT_BAD_INPUT and "no registered model" in outcome.error:
+        return {"policy": policy, "champion": None, "path": None}
+    if outcome.code != EXIT_OK:
+        raise RegistryCallError(outcome)
+    return outcome.payload
+
+
+async def force_promote(settings: Settings, policy: str, version: str, reason: str, actor: str) -> dict:
+    payload = await _call(settings, "promote", "--policy", policy, "--version", str(version), "--reason", reason,
+                          "--actor", actor, "--cache-dir", _cache_dir(settings))
+    return await _audit_operator_action(settings, payload)
+
+
+async def rollback(settings: Settings, policy: str, reason: str, actor: str) -> dict:
+    payload = await _call(settings, "rollback", "--policy", policy, "--reason", reason, "--actor", actor,
+                          "--cache-dir", _cache_dir(settings))
+    return await _audit_operator_action(settings, payload)
+
+
+# ---------------------------------------------------------------- registration of finished runs
+async def finalize_run(settings: Settings, run_id: int, spec_path: str | Path, result_path: str | Path,
+                       log_path: str | Path | None = None) -> dict:
+    """Log run ``run_id`` in MLflow, register its checkpoint and run the gate, exactly once.
+
+    Returns ``{"state": "done" | "pending" | "failed" | "busy", ...registry output}``. "pending":
+    the store was unavailable (or the child failed): retried later by :func:`retry_pending`.
+    "busy": another finalize of this run is in progress."""
+    log = get_logger("registry", run_id=run_id)
+    async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
+        cur = await conn.execute(
+            """INSERT INTO atlasd.registrations (run_id, spec_path, result_path, log_path) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (run_id) DO UPDATE SET spec_path = EXCLUDED.spec_path, result_path = EXCLUDED.result_path,
+                   log_path = EXCLUDED.log_path, updated_at = now()
+               RETURNING state, attempts, mlflow_run_id, model_version, decision""",
+            [run_id, str(spec_path), str(result_path), str(log_path) if log_path else None],
+        )
+        state, attempts, mlflow_run_id, model_version, decision = await cur.fetchone()
+        if state == "done":
+            return {"state": state, "mlflow_run_id": mlflow_run_id, "model_version": model_version, "decision": decision}
+        if not (await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, run_id])).fetchone())[0]:
+            return {"state": "busy"}
+        try:
+            args = ["finalize", "--spec", str(spec_path), "--result", str(result_path), "--source", settings.registry_source,
+                    "--artifact-root", str(settings.state_dir.resolve() / "mlartifacts"), "--cache-dir", _cache_dir(settings)]
+            outcome = await run_registry(settings, *args, *(["--log", str(log_path)] if log_path else []))
+            attempts += 1
+            if outcome.code == EXIT_OK:
+                return await _registered(settings, conn, run_id, attempts, outcome.payload, log)
+            state = "pending" if outcome.retryable and attempts < MAX_ATTEMPTS else "failed"
+            await conn.execute(
+                """UPDATE atlasd.registrations SET state = %s, attempts = %s, last_error = %s, updated_at = now(),
+                          next_attempt_at = now() + make_interval(secs => %s) WHERE run_id = %s""",
+                [state, attempts, outcome.error[:4000], min(30 * 2 ** (attempts - 1), 3600), run_id],
+            )
+            log.warning("registration deferred" if state == "pending" else "registration failed",
+                        exit_code=outcome.code, attempts=attempts, error=outcome.error[:500])
+            return {"state": state, **outcome.payload}
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, run_id])
+
+
+async def _registered(settings: Settings, conn: psycopg.AsyncConnection, run_id: int, attempts: int,
+                      payload: dict, log: Any) -> dict:
+    decision, version = payload["decision"], payload["model_version"]
+    promotion_id = None
+    async with conn.transaction():
+        if decision in ("promote", "reject"):
+            promotion_id = await _record(
+                conn, policy=payload["policy"], model=payload["registered_model"],
+                from_version=payload["previous_champion"] if decision == "promote" else payload["champion"],
+                to_version=version, action=decision, reason=payload["reason"], checks=payload["checks"],
+                actor="atlasd", atlasd_run_id=run_id, mlflow_run_id=payload["mlflow_run_id"],
+                notify=settings.promotion_notify,
+            )
+        await conn.execute(
+            """UPDATE atlasd.registrations SET state = 'done', attempts = %s, last_error = NULL, mlflow_run_id = %s,
+                      model_version = %s, decision = %s, updated_at = now() WHERE run_id = %s""",
+            [attempts, payload["mlflow_run_id"], version, decision, run_id],
+        )
+        await conn.execute("UPDATE atlasd.runs SET model_version = %s, registered_at = now() WHERE id = %s",
+                           [version, run_id])
+    log.info("registered", mlflow_run_id=payload["mlflow_run_id"], model_version=version, decision=decision,
+             reason=payload["reason"], champion=payload["champion"])
+    if decision == "promote" and promotion_id is not None:
+        payload["hook"] = await _run_hook(settings, conn, promotion_id, policy=payload["policy"],
+                                          model=payload["registered_model"], version=version, action=decision)
+    return {"state": "done", **payload}
+
+
+async def retry_pending(settings: Settings) -> list[dict]:
+    """Finalize every registration that is due (pending, next_attempt_at passed), oldest run first."""
+    async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
+        rows = await (await conn.execute(
+            """SELECT run_id, spec_path, result_path, log_path FROM atlasd.registrations
+                WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY run_id""")).fetchall()
+    return [await finalize_run(settings, *row) for row in rows]
+
+
+class RegistrationRetrier:
+    """Daemon component: retries due registrations every ``poll_interval_s``."""
+
+    name = "registrations"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._task: asyncio.Task | None = None
+
+    async def start(self, daemon: Any) -> None:
+        self._task = asyncio.create_task(self._loop(daemon.stopping))
+
+    async def _loop(self, stopping: asyncio.Event) -> None:
+        log = get_logger("registry")
+        while not stopping.is_set():
+            try:
+                await retry_pending(self.settings)
+            except Exception as exc:  # noqa: BLE001 - the database may be away; next round retries
+                log.warning("registration retry failed", error=redact_url(str(exc)))
+            try:
+                await asyncio.wait_for(stopping.wait(), self.settings.poll_interval_s)
+            except TimeoutError:
+                pass
+
+    async def on_intake(self, recorded: int) -> None:
+        return None
+
+    async def reload(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def create_component(settings: Settings) -> RegistrationRetrier:
+    return RegistrationRetrier(settings)
+
+
+# ---------------------------------------------------------------- status
+def champions(conn: psycopg.Connection) -> dict[str, dict]:
+    """Current champion per policy, as recorded in the audit table (the last alias move)."""
+    rows = conn.execute(
+        """SELECT DISTINCT ON (policy) policy, registered_model, to_version, action, decided_at, actor
+             FROM atlasd.promotions WHERE action IN ('promote', 'force', 'rollback')
+            ORDER BY policy, id DESC"""
+    ).fetchall()
+    return {p: {"registered_model": m, "version": v, "action": a, "since": t.isoformat(), "actor": who}
+            for p, m, v, a, t, who in rows}
