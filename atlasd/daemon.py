@@ -27,7 +27,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from atlasd import __version__, intake
-from atlasd.db import connect, connect_kwargs, safe_error
+from atlasd.db import DatabaseError, connect, connect_kwargs, safe_error
 from atlasd.db.migrate import check_schema
 from atlasd.listener import Listener
 from atlasd.lock import HEARTBEAT_S, DaemonLock, LockLostError
@@ -36,7 +36,7 @@ from atlasd.sdnotify import Notifier, watchdog_interval_s
 from atlasd.settings import Settings
 
 # modules exposing ``create_component(settings) -> Component``, started in this order
-COMPONENT_MODULES: list[str] = ["atlasd.cadence"]
+COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner"]
 
 POOL_MAX_SIZE = 4
 RETRY_S = 5.0  # after a failed reconcile, a full one this much later
@@ -110,7 +110,11 @@ class Daemon:
         self.pool = AsyncConnectionPool(
             self.settings.dsn, min_size=1, max_size=POOL_MAX_SIZE, kwargs=connect_kwargs("atlasd"), open=False
         )
-        await self.pool.open(wait=True)
+        try:
+            await self.pool.open(wait=True, timeout=30)
+        except PoolTimeout:
+            await self.pool.close()
+            raise DatabaseError(f"cannot open a connection pool to {self.settings.dsn_redacted}") from None
         listener = Listener(self.settings, self.request_reconcile, self._set_listener_state)
         self._spawn(listener.run(self.stopping))
         self._spawn(self._heartbeat_loop())

@@ -71,7 +71,8 @@ def test_listener_killed_mid_burst_loses_nothing(db_url: str, tmp_path: Path) ->
     def kill_listener() -> int:
         return sql(
             db_url,
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE datname = current_database() AND application_name = %s""",
             [APPLICATION_NAME],
         )[0][0]
 
@@ -89,7 +90,8 @@ def test_listener_killed_mid_burst_loses_nothing(db_url: str, tmp_path: Path) ->
         assert asyncio.run(burst_and_kill())["distinct"] == 3_000
         wait_until(recorded(db_url, 3_000), 60, "3,000 sessions in the intake")
         assert len(daemon.find("listener connection lost")) == 2
-        assert sql(db_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [APPLICATION_NAME]) == [(1,)]
+        listeners = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s"
+        assert sql(db_url, listeners, [APPLICATION_NAME]) == [(1,)]
         wait_until(lambda: sql(db_url, "SELECT listener_connected FROM atlasd.daemon_state")[0][0], 10, "heartbeat")
         assert daemon.stop() == 0
 
