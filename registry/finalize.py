@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -31,18 +32,19 @@ class MeasureError(RuntimeError):
 
 
 def trainer_measure(spec_path: Path) -> Measure:
-    """Re-measure a checkpoint with ``python -m trainers eval --model PATH --spec SPEC`` (same code,
-    same frozen eval set as the run); the report is the last JSON line on its stdout."""
+    """Re-measure a checkpoint with ``python -m trainers eval --model PATH --spec SPEC --out F``:
+    the same evaluation code on the same frozen eval set as the run."""
 
     def measure(model: Path) -> EvalReport:
-        proc = subprocess.run(
-            [sys.executable, "-m", "trainers", "eval", "--model", str(model), "--spec", str(spec_path)],
-            capture_output=True, text=True,
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise MeasureError(f"trainers eval of {model} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-        return EvalReport.model_validate_json(lines[-1])
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "report.json"
+            proc = subprocess.run(
+                [sys.executable, "-m", "trainers", "eval", "--model", str(model), "--spec", str(spec_path), "--out", str(out)],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0 or not out.is_file():
+                raise MeasureError(f"trainers eval of {model} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            return EvalReport.model_validate_json(out.read_text())
 
     return measure
 
@@ -120,7 +122,7 @@ def finalize(
         source = f"{reg.client.get_run(mlflow_run_id).info.artifact_uri.rstrip('/')}/{CHECKPOINT_ARTIFACT}"
     else:
         source = Path(result.checkpoint).resolve().as_uri()
-    baseline = result.baseline or spec.targets.summarize(result.eval)
+    baseline = spec.targets.summarize(result.eval)  # the policy's targets, as the trainer's own summary
     tags = summary_tags(result.eval, baseline) | {
         "atlasd.gear": spec.gear, "atlasd.trigger": spec.trigger, "atlasd.config_hash": spec.config_hash(),
         "atlasd.trace_window": f"({spec.traces.window_lo}, {spec.traces.window_hi}]",

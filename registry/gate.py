@@ -1,6 +1,6 @@
 """The promotion gate: a pure function of the policy's targets, the challenger's evaluation, its
-summary against the configured baseline (``Targets.summarize``, computed by the trainer) and the
-champion's evaluation on the same frozen eval set.
+summary against the configured baseline (``Targets.summarize(challenger)``: the formulas live
+there, not here) and the champion's evaluation on the same frozen eval set.
 
 The challenger is promoted only when every check is met:
 
@@ -65,33 +65,13 @@ def beats_champion(challenger: EvalReport, champion: EvalReport | None) -> Targe
     )
 
 
-def baseline_checks(summary: BaselineSummary, targets: Targets) -> list[TargetCheck]:
-    """The summary's own checks; a summary without them is packaged from its fields (no formulas here)."""
-    if summary.checks:
-        return list(summary.checks)
-    checks = [
-        TargetCheck(name="success_delta", value=summary.success_delta, threshold=targets.min_success_delta,
-                    met=summary.meets_success_target)
-    ]
-    if summary.meets_token_target is not None:
-        checks.append(
-            TargetCheck(name="token_reduction_pct", value=summary.token_reduction_pct,
-                        threshold=targets.min_token_reduction_pct, met=summary.meets_token_target)
-        )
-    return checks
-
-
 def decide(
     targets: Targets,
     challenger: EvalReport,
     baseline: BaselineSummary,
     champion: EvalReport | None,
 ) -> GateDecision:
-    checks = baseline_checks(baseline, targets)
-    if not baseline.meets_all_targets and all(c.met for c in checks):
-        # the summary's verdict is authoritative even if its checks list is incomplete
-        checks.append(TargetCheck(name="meets_all_targets", value=None, threshold=None, met=False,
-                                  reason="baseline summary: targets not met"))
+    checks = list(baseline.checks)  # Targets.summarize: success_delta, token_reduction_pct if a token baseline
     if targets.must_beat_champion:
         checks.append(beats_champion(challenger, champion))
     return GateDecision(decision="promote" if all(c.met for c in checks) else "reject", checks=checks)

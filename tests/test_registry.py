@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasd.runspec import BaselineSummary, EvalReport, MlflowTarget, RunResult, RunSpec, Targets, TargetCheck
+from atlasd.runspec import EvalReport, MlflowTarget, RunResult, RunSpec, Targets
 from registry import CHALLENGER, CHAMPION, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, RegistryError
 
 TARGETS = Targets(baseline_success=0.5, baseline_tokens=100.0)
@@ -24,59 +24,43 @@ def report(success: float, tokens: float, eval_hash: str = "evalA", model: str =
     return EvalReport(model=model, eval_set_hash=eval_hash, n_samples=20, success_rate=success, avg_tokens=tokens)
 
 
-def summary(success_ok: bool, token_ok: bool | None) -> BaselineSummary:
-    """What the trainer's Targets.summarize reports (the gate takes it as given)."""
-    checks = [TargetCheck(name="success_delta", value=0.2 if success_ok else 0.0, threshold=0.1, met=success_ok)]
-    if token_ok is not None:
-        checks.append(TargetCheck(name="token_reduction_pct", value=40.0 if token_ok else 5.0, threshold=30.0,
-                                  met=token_ok))
-    return BaselineSummary(
-        success_delta=checks[0].value, token_reduction_pct=checks[1].value if token_ok is not None else None,
-        meets_success_target=success_ok, meets_token_target=token_ok,
-        meets_all_targets=success_ok and token_ok is not False, checks=checks,
-    )
-
-
 # ------------------------------------------------------------------------------------ gate
+NO_TOKENS = TARGETS.model_copy(update={"baseline_tokens": None})
+# baseline 0.5 success / 100 tokens: targets are +0.10 success and -30 % tokens
 GATE_CASES = [
-    # id, must_beat, summary, challenger, champion, decision, failing checks
-    ("baseline-only-met", False, summary(True, True), report(0.8, 60), report(0.9, 50), "promote", []),
-    ("baseline-success-missed", False, summary(False, True), report(0.5, 60), None, "reject", ["success_delta"]),
-    ("token-target-missed", True, summary(True, False), report(0.8, 95), None, "reject", ["token_reduction_pct"]),
-    ("no-token-baseline", True, summary(True, None), report(0.8, 95), None, "promote", []),
-    ("no-champion-yet", True, summary(True, True), report(0.8, 60), None, "promote", []),
-    ("beats-champion-success", True, summary(True, True), report(0.8, 70), report(0.7, 60), "promote", []),
-    ("loses-to-champion", True, summary(True, True), report(0.7, 50), report(0.8, 60), "reject", ["beats_champion"]),
-    ("tie-success-fewer-tokens", True, summary(True, True), report(0.8, 55), report(0.8, 60), "promote", []),
-    ("tie-success-more-tokens", True, summary(True, True), report(0.8, 65), report(0.8, 60), "reject", ["beats_champion"]),
-    ("full-tie-champion-stays", True, summary(True, True), report(0.8, 60), report(0.8, 60), "reject", ["beats_champion"]),
-    ("champion-other-eval-set", True, summary(True, True), report(0.9, 50), report(0.1, 90, "evalB"), "reject",
-     ["beats_champion"]),
-    ("both-fail", True, summary(False, False), report(0.5, 95), report(0.8, 60), "reject",
+    # id, targets, must_beat, challenger, champion, decision, failing checks
+    ("baseline-only-met", TARGETS, False, report(0.8, 60), report(0.9, 50), "promote", []),
+    ("baseline-success-missed", TARGETS, False, report(0.55, 60), None, "reject", ["success_delta"]),
+    ("baseline-success-exactly-met", TARGETS, False, report(0.6, 70), None, "promote", []),
+    ("token-target-missed", TARGETS, True, report(0.8, 95), None, "reject", ["token_reduction_pct"]),
+    ("no-token-baseline", NO_TOKENS, True, report(0.8, 95), None, "promote", []),
+    ("empty-eval-set", TARGETS, True, report(0.0, 0).model_copy(update={"n_samples": 0}), None, "reject",
+     ["success_delta", "token_reduction_pct"]),
+    ("no-champion-yet", TARGETS, True, report(0.8, 60), None, "promote", []),
+    ("beats-champion-success", TARGETS, True, report(0.8, 70), report(0.7, 60), "promote", []),
+    ("loses-to-champion", TARGETS, True, report(0.7, 50), report(0.8, 60), "reject", ["beats_champion"]),
+    ("tie-success-fewer-tokens", TARGETS, True, report(0.8, 55), report(0.8, 60), "promote", []),
+    ("tie-success-more-tokens", TARGETS, True, report(0.8, 65), report(0.8, 60), "reject", ["beats_champion"]),
+    ("full-tie-champion-stays", TARGETS, True, report(0.8, 60), report(0.8, 60), "reject", ["beats_champion"]),
+    ("champion-other-eval-set", TARGETS, True, report(0.9, 50), report(0.1, 90, "evalB"), "reject", ["beats_champion"]),
+    ("both-fail", TARGETS, True, report(0.5, 95), report(0.8, 60), "reject",
      ["success_delta", "token_reduction_pct", "beats_champion"]),
 ]
 
 
-@pytest.mark.parametrize(("must_beat", "base", "challenger", "champion", "expected", "failing"),
+@pytest.mark.parametrize(("targets", "must_beat", "challenger", "champion", "expected", "failing"),
                          [c[1:] for c in GATE_CASES], ids=[c[0] for c in GATE_CASES])
-def test_gate_table(must_beat, base, challenger, champion, expected, failing) -> None:
+def test_gate_table(targets, must_beat, challenger, champion, expected, failing) -> None:
     from registry.gate import decide
 
-    targets = TARGETS.model_copy(update={"must_beat_champion": must_beat})
-    gate = decide(targets, challenger, base, champion)
+    targets = targets.model_copy(update={"must_beat_champion": must_beat})
+    gate = decide(targets, challenger, targets.summarize(challenger), champion)
     assert gate.decision == expected
     assert [c.name for c in gate.checks if not c.met] == failing
+    assert ("beats_champion" in [c.name for c in gate.checks]) == must_beat
+    assert all(name in gate.reason for name in failing)
     for check in gate.checks:
-        assert check.reason or check.name != "beats_champion"  # the champion check always says why
-    if failing:
-        assert all(name in gate.reason for name in failing)
-
-
-def test_gate_summary_verdict_wins_over_incomplete_checks() -> None:
-    from registry.gate import decide
-
-    base = summary(True, True).model_copy(update={"meets_all_targets": False})
-    assert decide(TARGETS, report(0.8, 60), base, None).decision == "reject"
+        assert check.name != "beats_champion" or check.reason  # the champion check always says why
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -89,8 +73,8 @@ def tiny_student(tmp_path_factory) -> Path:
 
 
 def make_run(root: Path, student: Path, run_id: int, tracking_uri: str, *, success: float = 0.8, tokens: float = 60.0,
-             base: BaselineSummary | None = None, eval_hash: str = "evalA", champion_version: str | None = None,
-             eval_start: EvalReport | None = None, status: str = "succeeded", policy: str = "p1",
+             eval_hash: str = "evalA", champion_version: str | None = None,
+             eval_start: EvalReport | None = None, status: str = "succeeded", policy: str = "p1", teacher: str = "t",
              targets: Targets = TARGETS) -> tuple[Path, Path, Path]:
     """A run folder like the trainer leaves it: run_spec.json, result.json, train.jsonl, a checkpoint."""
     out = root / f"run{run_id}"
@@ -100,7 +84,7 @@ def make_run(root: Path, student: Path, run_id: int, tracking_uri: str, *, succe
     samples.write_text("".join(json.dumps({"prompt": f"q{i}", "generation": f"a{i}", "correct": i % 2 == 0}) + "\n"
                                for i in range(4)))
     spec = RunSpec(
-        run_id=run_id, policy=policy, gear="fast", trigger="batch", teacher="t", student=str(student),
+        run_id=run_id, policy=policy, gear="fast", trigger="batch", teacher=teacher, student=str(student),
         base_student=str(student), champion_version=champion_version,
         traces={"window_lo": 0, "window_hi": 10, "db_url": "postgresql://atlas:s3cret@db/atlas"},
         targets=targets, output_dir=out,
@@ -112,7 +96,7 @@ def make_run(root: Path, student: Path, run_id: int, tracking_uri: str, *, succe
         n_eval=20, train_metrics={"loss": 0.5},
         eval=report(success, tokens, eval_hash, str(ckpt)).model_copy(update={"samples_path": str(samples)})
         if status == "succeeded" else None,
-        eval_start=eval_start, baseline=base or summary(True, True) if status == "succeeded" else None,
+        eval_start=eval_start, baseline=targets.summarize(report(success, tokens, eval_hash)) if status == "succeeded" else None,
         error=None if status == "succeeded" else "boom",
     )
     result_path = result.dump(out / "result.json")
@@ -212,23 +196,32 @@ def test_gate_rejects_then_promotes_against_champion_then_rollback(tmp_path, sto
         reg.rollback("atlasd-p1", None)
 
 
-def test_champion_on_another_eval_set_is_re_measured(tmp_path, store_dir, tracking_uri, tiny_student) -> None:
+def test_champion_on_another_eval_set_is_re_measured_by_the_trainer(tmp_path, store_dir, tracking_uri,
+                                                                      tiny_student) -> None:
+    """The champion's stored metrics are for another eval set: the gate re-measures it with the real
+    `python -m trainers eval` on the challenger's frozen eval set (the run's snapshot)."""
+    from registry.finalize import trainer_measure
     from registry.store import Registry
+    from trainers.dataset import Example, eval_set_hash
 
     s1, r1, _ = make_run(tmp_path, tiny_student, 1, tracking_uri, success=0.7, tokens=60, eval_hash="old")
     finalize_paths(s1, r1)
-    measured: list[Path] = []
-
-    def measure(path: Path) -> EvalReport:  # stands in for `python -m trainers eval` on the new eval set
-        measured.append(path)
-        return report(0.75, 60, "new", str(path))
-
-    s2, r2, _ = make_run(tmp_path, tiny_student, 2, tracking_uri, success=0.8, tokens=60, eval_hash="new")
-    out = finalize_paths(s2, r2, measure=measure)
-    assert out["champion_metrics_from"] == "re-measured" and out["decision"] == "promote"
-    assert measured and (measured[0] / "config.json").is_file()
-    # the re-measurement is kept on the old champion, for the next gate on that eval set
-    assert Registry(tracking_uri).stored_report(Registry(tracking_uri).version("atlasd-p1", "1"), "new").success_rate == 0.75
+    examples = [Example(session_id=i, seq=i, prompt=[{"role": "system", "content": f"Task: {i} + 1?"}],
+                        completion=f"Final Answer: {i + 1}", reference=str(i + 1), source="eval") for i in range(3)]
+    new_hash = eval_set_hash(e.session_id for e in examples)
+    s2, r2, _ = make_run(tmp_path, tiny_student, 2, tracking_uri, success=0.8, tokens=60, eval_hash=new_hash,
+                         teacher=str(tiny_student.parent / "teacher"))
+    snapshot = RunSpec.load(s2).output_dir / "data" / "eval.jsonl"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("".join(e.to_json() + "\n" for e in examples))
+    out = finalize_paths(s2, r2, measure=trainer_measure(s2))
+    assert out["champion_metrics_from"] == "re-measured", out
+    reg = Registry(tracking_uri)
+    stored = reg.stored_report(reg.version("atlasd-p1", "1"), new_hash)  # kept for the next gate on this set
+    assert stored.n_samples == 3 and stored.eval_set_hash == new_hash
+    check = next(c for c in out["checks"] if c["name"] == "beats_champion")
+    assert check["threshold"] == stored.success_rate
+    assert out["decision"] == ("promote" if stored.success_rate < 0.8 else "reject")
 
 
 def test_failed_run_is_logged_not_registered(tmp_path, store_dir, tracking_uri, tiny_student) -> None:
