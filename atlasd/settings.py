@@ -69,6 +69,19 @@ class Settings(BaseSettings):
         default=86400.0, ge=0, description="A cron tick missed while down runs once at start if this recent (s)."
     )
 
+    # runner
+    cuda_visible_devices: str | None = Field(
+        default=None, description="Exported to the training child as CUDA_VISIBLE_DEVICES (which GPU it uses)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Training device of the child.")
+    runner_poll_s: float = Field(default=2.0, gt=0, description="How often the runner looks for a queued run.")
+    child_stop_timeout_s: float = Field(
+        default=600.0, gt=0, description="On stop/cancel, how long the child may take to save its checkpoint."
+    )
+    stale_heartbeat_s: float = Field(
+        default=120.0, gt=0, description="A running child silent this long is stopped and its run marked failed."
+    )
+
     # registry child (python -m registry) and promotion hooks
     registry_source: Literal["artifacts", "path"] = Field(
         default="artifacts",
