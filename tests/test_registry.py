@@ -293,3 +293,25 @@ def test_cli_store_unavailable_then_restored_registers_once(tmp_path, tiny_stude
     assert (Path(champ["path"]) / "model.safetensors").is_file()
     code, err = registry_cli("rollback", "--policy", "p1", "--tracking-uri", uri)
     assert code == EXIT_BAD_INPUT and "no previous champion" in err["error"]
+
+
+def test_postgres_backend_and_stopped_server(tmp_path, tiny_student) -> None:
+    """MLflow on a throw-away Postgres database (postgresql+psycopg://); a stopped server is
+    classified as unavailable (exit 75), not as bad input."""
+    from registry.__main__ import fail_fast, is_unavailable
+    from tests import pg
+
+    name = pg.create_database("atlasd_mlflow")
+    try:
+        uri = pg.url_for(name).replace("postgresql://", "postgresql+psycopg://", 1)
+        s, r, log = make_run(tmp_path, tiny_student, 1, uri)
+        out = finalize_paths(s, r, log)
+        assert out["decision"] == "promote" and out["model_version"] == "1"
+        assert finalize_paths(s, r, log)["model_version"] == "1"
+    finally:
+        pg.drop_database(name)
+    fail_fast()
+    s, r, _ = make_run(tmp_path / "down", tiny_student, 2, "postgresql+psycopg://postgres@127.0.0.1:1/mlflow")
+    with pytest.raises(Exception) as info:
+        finalize_paths(s, r)
+    assert is_unavailable(info.value), repr(info.value)
