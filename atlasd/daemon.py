@@ -36,7 +36,7 @@ from atlasd.sdnotify import Notifier, watchdog_interval_s
 from atlasd.settings import Settings
 
 # modules exposing ``create_component(settings) -> Component``, started in this order
-COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner"]
+COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions"]
 
 POOL_MAX_SIZE = 4
 RETRY_S = 5.0  # after a failed reconcile, a full one this much later
