@@ -421,8 +421,8 @@ class GKDTrainer:
     # loop -------------------------------------------------------------------------------------
     def train(self) -> TrainOutcome:
         final = self.out / "final"
-        if _state(final) is not None and _state(final)["step"] >= self.total:
-            self.history = _state(final)["history"]
+        if final_complete(self.out) and _state(final)["step"] == self.total:
+            self.step, self.history = self.total, _state(final)["history"]
             return TrainOutcome(self.total, self.history, final)
         self.tel.progress(self.total, self.step)
         try:
@@ -514,6 +514,12 @@ def _state(path: Path) -> dict | None:
 def _checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     return [p for p in root.glob("step-*") if p.is_dir() and _state(p) is not None] if root.is_dir() else []
+
+
+def final_complete(output_dir: Path) -> bool:
+    """Training finished: ``output_dir/final`` holds the last step (only evaluation may remain)."""
+    state = _state(Path(output_dir) / "final")
+    return state is not None and state["step"] >= state["total_steps"]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

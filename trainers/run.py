@@ -76,6 +76,9 @@ def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
             errors.append("optim.generation_backend: 'vllm' is not installed")
         if spec.device == "cpu":
             errors.append("optim.generation_backend: 'vllm' needs device cuda")
+    if not spec.resume and any((spec.output_dir / d).exists() for d in ("final", "checkpoints")):
+        errors.append(f"output_dir: {spec.output_dir} already holds checkpoints of a run; set resume: true "
+                      "or use a new output_dir")
     if spec.resume and not (spec.output_dir / "data" / "train.jsonl").is_file():
         warnings.append(f"resume: no data snapshot in {spec.output_dir / 'data'}; the run starts from scratch")
     return errors, warnings
@@ -168,6 +171,7 @@ def run(spec_path: str | Path, stream=None) -> int:
             GKDTrainer,
             Interrupted,
             VllmGenerator,
+            final_complete,
             latest_checkpoint,
             load_causal_lm,
             load_student,
@@ -187,7 +191,9 @@ def run(spec_path: str | Path, stream=None) -> int:
                                  f"skipped: {meta['skipped'] or 'none'}")
             torch.manual_seed(spec.optim.seed)
             tel.set_phase("loading_models")
-            checkpoint = latest_checkpoint(spec.output_dir) if spec.resume else None
+            finished = spec.resume and final_complete(spec.output_dir)  # only the final eval is left
+            checkpoint = (spec.output_dir / "final" if finished
+                          else latest_checkpoint(spec.output_dir) if spec.resume else None)
             tok = load_tokenizer(str(checkpoint or spec.student))
             teacher = load_causal_lm(spec.teacher, device, trainable=False)
             student = load_student(spec.student, checkpoint, device, spec.optim.lora)
@@ -204,7 +210,7 @@ def run(spec_path: str | Path, stream=None) -> int:
             trainer = GKDTrainer(student=student, teacher=teacher, tokenizer=tok, train=train, gkd=spec.gkd,
                                  optim=spec.optim, output_dir=spec.output_dir, device=device, telemetry=tel,
                                  stop=stop, vllm=vllm)
-            if checkpoint is not None:
+            if checkpoint is not None and not finished:
                 trainer.restore(checkpoint)
                 tel.emit("resumed", step=trainer.step, path=str(checkpoint))
             tel.set_phase("train", total_steps=trainer.total)
@@ -220,7 +226,7 @@ def run(spec_path: str | Path, stream=None) -> int:
         except Interrupted as exc:
             result.status = "interrupted"
             result.error = str(exc)
-            last = latest_checkpoint(spec.output_dir)
+            last = spec.output_dir / "final" if final_complete(spec.output_dir) else latest_checkpoint(spec.output_dir)
             result.checkpoint = str(last) if last else None
             code = EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001  (reported in result.json and on stdout, then exit 1)
