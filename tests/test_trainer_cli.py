@@ -129,3 +129,17 @@ def test_validate_and_bad_specs(tiny_models, tmp_path):
     lines = [json.loads(x) for x in run.stdout.splitlines()]
     assert lines[0]["event"] == "error" and "optim.max_steps" in lines[0]["error"]
     assert "hunter2" not in run.stdout + run.stderr
+
+
+def test_a_new_run_never_overwrites_checkpoints(tiny_models, tmp_path):
+    from trainers.run import check_spec, load_spec
+
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    spec = write_spec(tmp_path / "spec.json", tiny_models, out, traces={"db_url": "postgresql://x@h/db",
+                                                                          "window_hi": 1})
+    errors, _ = check_spec(load_spec(spec))
+    assert any(e.startswith("output_dir:") for e in errors)
+    write_spec(spec, tiny_models, out, resume=True, traces={"db_url": "postgresql://x@h/db", "window_hi": 1})
+    errors, warnings = check_spec(load_spec(spec))
+    assert errors == [] and any("no data snapshot" in w for w in warnings)
