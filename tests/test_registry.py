@@ -127,8 +127,8 @@ def finalize_paths(spec_path: Path, result_path: Path, log: Path | None = None, 
     def no_measure(path: Path) -> EvalReport:
         raise AssertionError(f"unexpected re-measure of {path}")
 
-    return finalize(spec, result, log_path=log, measure=measure or no_measure,
-                    artifact_root=default_artifact_root(spec.mlflow.tracking_uri), **kw)
+    root = default_artifact_root(spec.mlflow.tracking_uri) or str(spec_path.parent.parent / "mlartifacts")
+    return finalize(spec, result, log_path=log, measure=measure or no_measure, artifact_root=root, **kw)
 
 
 # ------------------------------------------------------------------------------------ registry flow
