@@ -122,10 +122,13 @@ def cmd_finalize(args: argparse.Namespace) -> dict:
     from registry.tracking import default_artifact_root
 
     spec, result = load_inputs(args.spec, args.result, args.log)
+    root = args.artifact_root or default_artifact_root(spec.mlflow.tracking_uri)
+    if root is None and not spec.mlflow.tracking_uri.startswith(("http://", "https://")):
+        # MLflow would otherwise put artifacts in ./mlruns under whatever the current directory is
+        raise RegistryError("--artifact-root is required with a database store other than sqlite")
     return finalize(
         spec, result, log_path=args.log, measure=trainer_measure(args.spec), source_mode=args.source,
-        artifact_root=args.artifact_root or default_artifact_root(spec.mlflow.tracking_uri),
-        cache_dir=args.cache_dir, actor=args.actor,
+        artifact_root=root, cache_dir=args.cache_dir, actor=args.actor,
     )
 
 
