@@ -7,7 +7,9 @@ metrics go to the run row, and the child is stopped (SIGTERM to its process grou
 after ``child_stop_timeout_s``) when the operator cancels, the gear's wall-clock limit passes,
 the child goes silent for ``stale_heartbeat_s``, or the daemon stops.
 
-Outcomes: exit 0 with a succeeded ``result.json`` -> succeeded (then the registry step);
+Outcomes: exit 0 with a succeeded ``result.json`` -> succeeded, then the registry step
+(``atlasd.promotions.finalize_run``: MLflow run, model version, promotion gate; failed runs are
+logged in MLflow too, not registered);
 exit 75 -> interrupted (checkpoint saved; re-queued to resume if the policy says so);
 anything else -> failed with the exit status and the stderr tail, retried from scratch while
 ``attempt < policy.retry.max_retries``. A wall-clock kill is failed and not retried.
@@ -32,12 +34,12 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from atlasd import queue
+from atlasd import promotions, queue
 from atlasd.db import safe_error
 from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle
 from atlasd.logging import get_logger
 from atlasd.policies import Policy, PolicySet
-from atlasd.runspec import EXIT_INTERRUPTED, MlflowTarget, RunResult, RunSpec
+from atlasd.runspec import EXIT_INTERRUPTED, RunResult, RunSpec
 from atlasd.settings import Settings
 
 HEARTBEAT_WRITE_S = 2.0  # at most this often a heartbeat/metrics write to the run row
@@ -159,7 +161,15 @@ class RunnerComponent:
             log.error("run has no policy to run it", reason=why)
             return
 
-        spec = await self._build_spec(run, policy)
+        try:
+            spec = await self._build_spec(run, policy)
+        except promotions.RegistryCallError as exc:
+            async with self.daemon.pool.connection() as conn:
+                await queue.mark_failed(conn, run.id, f"cannot resolve the champion of {policy.name!r} to start "
+                                                      f"from (MLflow registry): {exc}")
+            log.error("run not started: champion unknown", error=str(exc))
+            await self._follow_up(run, "failed", policy)
+            return
         run_dir = Path(spec.output_dir)
         spec_path = spec.dump(run_dir / f"run_spec-{run.id}.json")
         env = dict(os.environ)
@@ -182,17 +192,29 @@ class RunnerComponent:
 
         sup = await self._supervise(run, policy, handle, log)
         info = await (sup.stopper if sup.stopper is not None else self.executor.wait(handle))
-        await self._finish(run, policy, spec, handle, sup, info, log)
+        outcome = await self._finish(run, policy, spec, handle, sup, info, log)
+        if outcome in ("succeeded", "failed") and (run_dir / "result.json").is_file():
+            # MLflow: every finished run is logged; a succeeded one is registered and gated.
+            # A store that is away leaves the registration pending (retried by the daemon).
+            self.daemon.notifier.status(f"registering run {run.id} in MLflow")
+            await promotions.finalize_run(self.settings, run.id, spec_path, run_dir / "result.json", handle.stdout_log)
 
     async def _build_spec(self, run: queue.Run, policy: Policy) -> RunSpec:
-        resume = run.trigger == "resume" and run.parent_run_id is not None
-        output_dir = run_dir_for(self.settings, run.id)
-        if resume:
+        """A resume continues its parent's output dir from the same student; any other run starts
+        from the policy's current champion (its checkpoint, fetched by the registry child) or, when
+        nothing has been promoted yet, the base student."""
+        parent = None
+        if run.trigger == "resume" and run.parent_run_id is not None:
             async with self.daemon.pool.connection() as conn:
                 parent = await queue.get_run(conn, run.parent_run_id)
-            if parent is not None and parent.output_dir:
-                output_dir = Path(parent.output_dir)
-        student, champion_version = await self._resolve_student(run, policy, resume)
+        resume = parent is not None and bool(parent.output_dir) and bool(parent.spec)
+        if resume:
+            output_dir = Path(parent.output_dir)
+            student, champion_version = parent.spec["student"], parent.spec.get("champion_version")
+        else:
+            output_dir = run_dir_for(self.settings, run.id)
+            current = await promotions.champion(self.settings, policy.name)
+            student, champion_version = current.get("path"), current.get("champion")
         return policy.run_spec(
             run.gear,
             run_id=run.id,
@@ -202,18 +224,10 @@ class RunnerComponent:
             student=student,
             champion_version=champion_version,
             output_dir=output_dir,
-            mlflow=MlflowTarget(
-                tracking_uri=self.settings.tracking_uri,
-                experiment=f"atlasd/{policy.name}",
-                registered_model=policy.model_name,
-            ),
+            mlflow=promotions.mlflow_target(self.settings, policy),
             resume=resume,
             device=self.settings.device,
         )
-
-    async def _resolve_student(self, run: queue.Run, policy: Policy, resume: bool) -> tuple[str | None, str | None]:
-        """The base student; the registry step replaces this with the champion's checkpoint."""
-        return None, None
 
     # ------------------------------------------------------------------ supervision
     async def _supervise(self, run: queue.Run, policy: Policy, handle: RunHandle, log) -> Supervision:
@@ -296,7 +310,7 @@ class RunnerComponent:
 
     # ------------------------------------------------------------------ outcome
     async def _finish(self, run: queue.Run, policy: Policy, spec: RunSpec, handle: RunHandle,
-                      sup: Supervision, info: ExitInfo, log) -> None:
+                      sup: Supervision, info: ExitInfo, log) -> str:
         result = self._read_result(Path(spec.output_dir))
         result_json = result.model_dump(mode="json") if result else None
         rc = info.returncode
@@ -328,6 +342,7 @@ class RunnerComponent:
         if outcome in ("failed", "interrupted") and sup.stop_reason != "wall_clock":
             await self._follow_up(run, outcome, policy)
         self.daemon.notifier.status("idle")
+        return outcome
 
     @staticmethod
     def _read_result(output_dir: Path) -> RunResult | None:

@@ -35,7 +35,8 @@ def write_policy(policies: Path, name: str, tiny_models: tuple[str, str], *, tea
         "teacher": teacher or t,
         "student": s,
         "retry": {"max_retries": max_retries},
-        "targets": {"baseline_success": 0.0},
+        # met by any checkpoint (no champion yet: promoted; afterwards it must beat the champion)
+        "targets": {"baseline_success": 0.0, "min_success_delta": 0.0},
         "gears": {
             "fast": {
                 "trigger": {"batch": {"every": 100000}},  # runs come from the tests, not the cadence
@@ -104,11 +105,15 @@ def test_runs_end_to_end_and_a_crash_does_not_stop_the_next(db_url, tiny_models,
     hi = seed(db_url)
     bad = enqueue(db_url, "broken", hi)
     good = enqueue(db_url, "math", hi)
+    after = enqueue(db_url, "math", hi)
     with daemon(db_url, policies, tmp_path / "state") as d:
         failed = wait_state(db_url, bad, {"failed", "succeeded"})
         done = wait_state(db_url, good, {"succeeded", "failed"})
         assert done["state"] == "succeeded", done["error"]
+        second = wait_state(db_url, after, {"succeeded", "failed"})
+        wait_until(lambda: runs(db_url)[after]["model_version"], 120, "the second run's registration")
         assert d.stop() == 0
+    done = runs(db_url)[good]
     # the crash: failed, exit status and the trainer's error visible, no retry (max_retries 0)
     assert failed["state"] == "failed" and failed["exit_code"] not in (0, None)
     assert "no-such-teacher" in failed["error"]
@@ -119,10 +124,19 @@ def test_runs_end_to_end_and_a_crash_does_not_stop_the_next(db_url, tiny_models,
     assert done["spec"]["student"] == tiny_models[1] and done["spec"]["traces"]["window_hi"] == hi
     assert "db_url" not in json.dumps(done["spec"]) or done["spec"]["traces"]["db_url"] is None
     assert_never_overlapping(list(runs(db_url).values()))
-    assert len(runs(db_url)) == 2
+    assert len(runs(db_url)) == 3
     # every trainer line was logged with its run id
     trainer_lines = [e for e in d.events if e.get("event") == "trainer"]
-    assert {e["run_id"] for e in trainer_lines} == {bad, good}
+    assert {e["run_id"] for e in trainer_lines} == {bad, good, after}
+    # registry step: the first good run became version 1 and champion; the next run started from it
+    assert done["model_version"] == "1" and done["registered_at"] is not None
+    with psycopg.connect(db_url) as conn:
+        audit = conn.execute("SELECT action, to_version FROM atlasd.promotions ORDER BY id").fetchall()
+        registrations = conn.execute("SELECT run_id, state FROM atlasd.registrations ORDER BY run_id").fetchall()
+    assert audit[0] == ("promote", "1")
+    assert registrations == [(good, "done"), (after, "done")]  # the failed run left no result.json to log
+    assert second["spec"]["champion_version"] == "1" and second["champion_version"] == "1"
+    assert second["spec"]["student"] != tiny_models[1] and Path(second["spec"]["student"], "config.json").is_file()
 
 
 def test_killed_child_fails_and_is_retried_within_the_limit(db_url, tiny_models, tmp_path):
