@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -34,12 +35,14 @@ from atlasd.lock import HEARTBEAT_S, DaemonLock, LockLostError
 from atlasd.logging import configure_logging, get_logger
 from atlasd.sdnotify import Notifier, watchdog_interval_s
 from atlasd.settings import Settings
+from atlasd.status import status_line
 
 # modules exposing ``create_component(settings) -> Component``, started in this order
-COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions"]
+COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions", "atlasd.metrics"]
 
 POOL_MAX_SIZE = 4
 RETRY_S = 5.0  # after a failed reconcile, a full one this much later
+STATUS_S = HEARTBEAT_S  # systemd's STATUS= line is refreshed this often (only under systemd)
 HEAVY_MODULES = ("torch", "transformers", "trl", "mlflow")  # must never be loaded in the daemon
 
 
@@ -75,6 +78,10 @@ class Daemon:
         self._exit_code = 0
         self._tasks: set[asyncio.Task] = set()
         self._started: list[Component] = []  # components whose start() returned, in order
+        self._listener_up = asyncio.Event()
+        # STATUS= is computed by atlasd.status on one synchronous connection, used by one worker thread
+        self._status_worker = ThreadPoolExecutor(1, "atlasd-status") if self.notifier.enabled else None
+        self._status_conn: psycopg.Connection | None = None
 
     def request_reconcile(self, ids: Iterable[int] | None = None) -> None:
         """Ask the reconciler to look at these session ids soon (None: at every ready session)."""
@@ -128,7 +135,11 @@ class Daemon:
                 self._started.append(component)
             if not self.stopping.is_set():
                 self._spawn(self._reconcile_loop())
+                await self._until_listener_up()
+            if not self.stopping.is_set():
                 self.notifier.ready(status="ready")
+                if self._status_worker is not None:
+                    self._spawn(self._status_loop())
                 self.log.info(
                     "ready",
                     startup_s=round(time.monotonic() - started_at, 3),
@@ -145,6 +156,9 @@ class Daemon:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._status_worker is not None:  # after a refresh still running in the worker
+                await asyncio.get_running_loop().run_in_executor(self._status_worker, self._close_status_conn)
+                self._status_worker.shutdown(wait=False)
             for component in reversed(self._started):
                 try:
                     await component.stop()
@@ -169,7 +183,47 @@ class Daemon:
     def _set_listener_state(self, connected: bool) -> None:
         if connected != self.listener_connected:
             self.listener_connected = connected
+            (self._listener_up.set if connected else self._listener_up.clear)()
             self._beat.set()
+
+    async def _until_listener_up(self) -> None:
+        """READY=1 promises a listening daemon: if the listener's first attempt failed, wait for
+        its reconnect (or a stop); systemd's TimeoutStartSec bounds the wait."""
+        if self.listener_connected:
+            return
+        self.log.warning("listener not connected yet; READY=1 waits for it")
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._listener_up, self.stopping)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+
+    async def _status_loop(self) -> None:
+        """Keep systemd's STATUS= line current: the running run and step, queued runs, pending
+        traces per policy/gear, the champions (:func:`atlasd.status.status_line`)."""
+        cadence = next((c for c in self.components if c.name == "cadence"), None)
+        loop = asyncio.get_running_loop()
+        while True:
+            policies = list(cadence.policy_set.policies.values()) if cadence is not None else []
+            try:
+                self.notifier.status(await loop.run_in_executor(self._status_worker, self._status_text, policies))
+            except (psycopg.Error, DatabaseError) as exc:
+                self.log.warning("status line not refreshed", error=safe_error(exc))
+            await asyncio.sleep(STATUS_S)
+
+    def _status_text(self, policies: list) -> str:
+        """In the status worker thread."""
+        if self._status_conn is None:
+            self._status_conn = connect(self.settings.dsn, autocommit=True, application_name="atlasd-status")
+        try:
+            return status_line(self._status_conn, self.settings, policies)
+        except psycopg.Error:
+            self._close_status_conn()
+            raise
+
+    def _close_status_conn(self) -> None:
+        if self._status_conn is not None:
+            self._status_conn.close()
+            self._status_conn = None
 
     async def _heartbeat_loop(self) -> None:
         interval = min(HEARTBEAT_S, watchdog_interval_s() or HEARTBEAT_S)

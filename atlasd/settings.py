@@ -32,6 +32,15 @@ def redact_url(text: str | None) -> str:
     return _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
 
 
+def split_host_port(addr: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` / ``"[::1]:9464"`` -> (host, port); ValueError naming the problem."""
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9464 or [::1]:9464), got {addr!r}")
+    return host, int(port)
+
+
 def _default_state_dir() -> Path:
     if os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
@@ -93,6 +102,20 @@ class Settings(BaseSettings):
         description='Command run without a shell when the champion moves, a JSON list (e.g. ["/usr/local/bin/reload-model"]); '
         "it gets ATLASD_PROMOTION_{MODEL,VERSION,POLICY,ACTION} in its environment.",
     )
+
+    # operations
+    metrics_addr: str = Field(
+        default="127.0.0.1:9464",
+        description="HOST:PORT of the Prometheus endpoint (/metrics); empty disables it; port 0 picks a free one.",
+    )
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            split_host_port(value)
+        return value
 
     @field_validator("db_url")
     @classmethod

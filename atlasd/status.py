@@ -1,17 +1,23 @@
 """What `atlasd status` reports, as a dict. Later parts add their own keys (policies, runs,
-champion) by extending :func:`collect_status`; each section is one small query."""
+champion) by extending :func:`collect_status`; each section is one small query.
+
+The same dict feeds the Prometheus endpoint (:mod:`atlasd.metrics`), and :func:`status_line`
+is the daemon's one-line ``STATUS=`` for systemd."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from atlasd.cadence import status_sections
+from atlasd.cadence import catchup_window, plan_gear_sync, status_sections, utc_now
 from atlasd.listener import CHANNEL
 from atlasd.lock import DAEMON_LOCK_KEY, HEARTBEAT_STALE_S
+from atlasd.policies import Policy
 from atlasd.promotions import champions
+from atlasd.queue import counts_by_state_sync
 from atlasd.settings import Settings
 
 
@@ -20,11 +26,90 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
     return {
         "database": settings.dsn_redacted,
         "intake": _intake(conn),
-        "listener": {"connected": daemon.pop("listener_connected"), "channel": CHANNEL},
+        "listener": {
+            "connected": daemon.pop("listener_connected"),
+            "channel": CHANNEL,
+            "notify_queue_usage": conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0],
+        },
         "daemon": daemon,
         "champion": champions(conn),  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
+        "training": _training(conn),
+        "promotions": _promotions(conn),
         **status_sections(conn, settings),
     }
+
+
+def status_line(conn: psycopg.Connection, settings: Settings, policies: Iterable[Policy]) -> str:
+    """One line for systemd's ``STATUS=``: the running run and its step, queued runs, pending
+    traces per policy/gear (batch gears: pending/threshold), the champion per policy. The same
+    queries as :func:`collect_status`, for the daemon's live ``policies``."""
+    running = _training(conn)["running"]
+    if running:
+        run = f"run {running['run_id']} {running['policy']}/{running['gear']}"
+        if running["step"] is not None:
+            run += f" step {running['step']}" + (f"/{running['total_steps']}" if running["total_steps"] else "")
+    else:
+        run = "idle"
+    parts = [run]
+    queued = counts_by_state_sync(conn)["queued"]
+    if queued:
+        parts.append(f"{queued} queued")
+    now = utc_now()
+    pending = []
+    for policy in policies:
+        for gear in policy.gears:
+            p = plan_gear_sync(conn, policy, gear, now=now, catchup_window=catchup_window(policy, settings))
+            pending.append(f"{p.policy}/{p.gear} {p.pending}" + (f"/{p.threshold}" if p.threshold else "")
+                           + (" (paused)" if p.paused else ""))
+    parts.append("pending " + (", ".join(pending) if pending else "- (no policies)"))
+    champ = champions(conn)
+    if champ:
+        parts.append("champion " + ", ".join(f"{policy} v{c['version']}" for policy, c in champ.items()))
+    conn.rollback()  # end the read transaction
+    return "; ".join(parts)
+
+
+def _training(conn: psycopg.Connection) -> dict[str, Any]:
+    """The running run (its step and loss from the runner's last heartbeat) and, per policy and
+    gear, when a run last succeeded."""
+    row = conn.execute(
+        "SELECT id, policy, gear, started_at, heartbeat_at, metrics FROM atlasd.runs WHERE state = 'running'"
+    ).fetchone()
+    last = conn.execute(
+        """SELECT policy, gear, max(finished_at) FROM atlasd.runs WHERE state = 'succeeded'
+            GROUP BY policy, gear ORDER BY policy, gear"""
+    ).fetchall()
+    conn.rollback()
+    running = None
+    if row is not None:
+        run_id, policy, gear, started_at, heartbeat_at, metrics = row
+        metrics = metrics or {}
+        running = {
+            "run_id": run_id,
+            "policy": policy,
+            "gear": gear,
+            "started_at": _iso(started_at),
+            "heartbeat_at": _iso(heartbeat_at),
+            "step": metrics.get("step"),
+            "total_steps": metrics.get("total_steps"),
+            "loss": metrics.get("loss"),
+        }
+    last_success: dict[str, dict[str, str]] = {}
+    for policy, gear, finished_at in last:
+        last_success.setdefault(policy, {})[gear] = _iso(finished_at)
+    return {"running": running, "last_success_at": last_success}
+
+
+def _promotions(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
+    """Audit rows per policy and action (promote, reject, force, rollback)."""
+    rows = conn.execute(
+        "SELECT policy, action, count(*) FROM atlasd.promotions GROUP BY policy, action ORDER BY policy, action"
+    ).fetchall()
+    conn.rollback()
+    out: dict[str, dict[str, int]] = {}
+    for policy, action, n in rows:
+        out.setdefault(policy, {})[action] = n
+    return out
 
 
 def _intake(conn: psycopg.Connection) -> dict[str, Any]:

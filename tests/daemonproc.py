@@ -43,6 +43,7 @@ class DaemonProcess:
             "ATLASD_STATE_DIR": str(state_dir),
             "ATLASD_POLICIES_DIR": str(state_dir / "policies"),
             "ATLASD_POLL_INTERVAL_S": "3600",  # NOTIFY (and reconnects) are what is tested, not the poll
+            "ATLASD_METRICS_ADDR": "127.0.0.1:0",  # never the fixed default port: tests run side by side
             "ATLASD_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
             **env,
