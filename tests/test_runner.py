@@ -163,7 +163,7 @@ def test_killed_child_fails_and_is_retried_within_the_limit(db_url, tiny_models,
 
 def test_sigterm_of_the_daemon_checkpoints_and_the_run_resumes(db_url, tiny_models, tmp_path):
     policies = tmp_path / "policies"
-    write_policy(policies, "math", tiny_models, max_steps=30)
+    write_policy(policies, "math", tiny_models, max_steps=300)
     hi = seed(db_url)
     run_id = enqueue(db_url, "math", hi)
     state = tmp_path / "state"
@@ -184,12 +184,12 @@ def test_sigterm_of_the_daemon_checkpoints_and_the_run_resumes(db_url, tiny_mode
         d.stop()
     assert done["state"] == "succeeded", done["error"]
     assert done["spec"]["resume"] is True and done["output_dir"] == row["output_dir"]
-    assert done["result"]["steps"] == 30  # the same final step count as an uninterrupted run
+    assert done["result"]["steps"] == 300  # the same final step count as an uninterrupted run
 
 
 def test_kill_9_of_the_daemon_then_restart_reaps_the_orphan_and_resumes(db_url, tiny_models, tmp_path):
     policies = tmp_path / "policies"
-    write_policy(policies, "math", tiny_models, max_steps=30, save_steps=2)
+    write_policy(policies, "math", tiny_models, max_steps=300, save_steps=10)
     hi = seed(db_url)
     run_id = enqueue(db_url, "math", hi)
     second = enqueue(db_url, "math", hi)  # queued behind: must not start beside the orphan
@@ -209,7 +209,7 @@ def test_kill_9_of_the_daemon_then_restart_reaps_the_orphan_and_resumes(db_url, 
         assert done["state"] == "succeeded", done["error"]
         wait_state(db_url, second, {"succeeded", "failed"})
         d.stop()
-    assert done["result"]["steps"] == 30
+    assert done["result"]["steps"] == 300
     assert_never_overlapping(list(runs(db_url).values()))
 
 
