@@ -18,7 +18,10 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 
 uninstall() {
   local purge=$1
-  systemctl disable --now atlasd.service atlasd-mlflow.service 2>/dev/null || true
+  local unit
+  for unit in atlasd.service atlasd-mlflow.service; do  # one at a time: a missing unit must not skip the other
+    systemctl disable --now "$unit" 2>/dev/null || true
+  done
   rm -f "$UNIT_DIR/atlasd.service" "$UNIT_DIR/atlasd-mlflow.service"
   systemctl daemon-reload 2>/dev/null || true
   rm -rf "$PREFIX"
@@ -69,14 +72,19 @@ fi
 install -m 0644 "$SRC/systemd/atlasd.service" "$SRC/systemd/atlasd-mlflow.service" "$UNIT_DIR/"
 systemctl daemon-reload
 
-# migrate as the service user, with the service's environment
-if grep -q CHANGE-ME "$ETC/atlasd.env"; then
-  echo "skipping \`atlasd db migrate\`: $ETC/atlasd.env still has the example password;"
-  echo "edit it, then run: sudo -u atlasd env \$(grep -v '^#' $ETC/atlasd.env | xargs) $PREFIX/venv/bin/atlasd db migrate"
+# migrate as the service user, reading the env file as atlasd does (ATLASD_ENV_FILE, not a shell `source`:
+# an EnvironmentFile is not shell syntax). Only the ATLASD_DB_URL line counts: comments may say CHANGE-ME.
+migrate=(runuser -u atlasd -- env ATLASD_ENV_FILE="$ETC/atlasd.env" ATLASD_STATE_DIR="$STATE" "$PREFIX/venv/bin/atlasd" db migrate)
+if grep -q '^ATLASD_DB_URL=.*CHANGE-ME' "$ETC/atlasd.env"; then
+  echo "skipping \`atlasd db migrate\`: ATLASD_DB_URL in $ETC/atlasd.env still has the example password;"
+  echo "edit it, then run: sudo ${migrate[*]}"
 else
-  set -a; . "$ETC/atlasd.env"; set +a
-  runuser -u atlasd -- env ATLASD_STATE_DIR="$STATE" "$PREFIX/venv/bin/atlasd" db migrate
+  (cd / && "${migrate[@]}")
 fi
 
 systemctl enable atlasd.service
-echo "installed. Start with: systemctl start atlasd   (logs: journalctl -u atlasd -f)"
+if systemctl is-active --quiet atlasd.service; then
+  echo "installed. atlasd is running the previous version: systemctl restart atlasd"
+else
+  echo "installed. Start with: systemctl start atlasd   (logs: journalctl -u atlasd -f)"
+fi

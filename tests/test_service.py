@@ -394,3 +394,26 @@ def test_metrics_addr_setting() -> None:
         load_settings(metrics_addr="9464")
     with pytest.raises(SettingsError, match="ATLASD_METRICS_ADDR"):
         load_settings(metrics_addr="127.0.0.1:99999")
+
+
+# ---------------------------------------------------------------- the unit file against the daemon's timings
+def _seconds(value: str) -> float:
+    units = {"min": 60, "s": 1, "h": 3600}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+def test_unit_timeouts_fit_the_daemon() -> None:
+    from atlasd.lock import HEARTBEAT_S
+    from atlasd.settings import Settings
+    from tests.test_systemd_units import _unit
+
+    svc = _unit("atlasd.service")["Service"]
+    assert svc["NotifyAccess"] == "main"
+    # a clean stop: the child's checkpoint save (SIGKILL after child_stop_timeout_s) plus bookkeeping
+    assert _seconds(svc["TimeoutStopSec"]) >= Settings.model_fields["child_stop_timeout_s"].default + 60
+    # at least two heartbeats (each a WATCHDOG=1 when healthy) fit in the watchdog interval
+    assert _seconds(svc["WatchdogSec"]) >= 4 * HEARTBEAT_S
+    assert _seconds(svc["TimeoutStartSec"]) >= 60
