@@ -2,8 +2,10 @@
 
 Start-up order: logging, schema check, the per-database lock, the connection pool, the
 listener, a first full reconcile, then the components (cadence, runner, ... from later issues),
-then READY=1 for systemd. SIGTERM/SIGINT stop it cleanly (components in reverse order);
-SIGHUP calls ``reload()`` on every component.
+then, once the listener is connected, READY=1 for systemd. SIGTERM/SIGINT stop it cleanly
+(STOPPING=1, components in reverse order); SIGHUP calls ``reload()`` on every component
+(RELOADING=1 ... READY=1). Under systemd the heartbeat sends WATCHDOG=1 while the lock connection
+and the listener are healthy, and STATUS= is refreshed every STATUS_S (:func:`atlasd.status.status_line`).
 
 A component plugs in by implementing :class:`Component` and either being appended to
 ``Daemon.components`` before ``run()`` or being named in ``COMPONENT_MODULES`` (a module that
