@@ -26,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from atlasd.logging import configure_logging
 from atlasd.metrics import MetricsComponent
 from atlasd.settings import SettingsError, load_settings
 from tests.daemonproc import ROOT, DaemonProcess, wait_until
@@ -368,6 +369,7 @@ def test_metrics_endpoint_serves_the_documented_series_matching_atlasd_status(db
 
 
 async def test_a_scrape_with_the_database_down_answers_up_0(tmp_path: Path) -> None:
+    configure_logging("json", "info", stream=sys.stdout)  # in process: not a stream an earlier CLI test closed
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
