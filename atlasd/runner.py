@@ -188,7 +188,6 @@ class RunnerComponent:
         log.info("run started", pid=handle.pid, trigger=run.trigger, window_lo=run.window_lo,
                  window_hi=run.window_hi, student=spec.student, champion_version=spec.champion_version,
                  resume=spec.resume, attempt=run.attempt)
-        self.daemon.notifier.status(f"training run {run.id} ({run.policy}/{run.gear})")
 
         sup = await self._supervise(run, policy, handle, log)
         info = await (sup.stopper if sup.stopper is not None else self.executor.wait(handle))
@@ -196,7 +195,6 @@ class RunnerComponent:
         if outcome in ("succeeded", "failed") and (run_dir / "result.json").is_file():
             # MLflow: every finished run is logged; a succeeded one is registered and gated.
             # A store that is away leaves the registration pending (retried by the daemon).
-            self.daemon.notifier.status(f"registering run {run.id} in MLflow")
             await promotions.finalize_run(self.settings, run.id, spec_path, run_dir / "result.json", handle.stdout_log)
 
     async def _build_spec(self, run: queue.Run, policy: Policy) -> RunSpec:
@@ -341,7 +339,6 @@ class RunnerComponent:
                  steps=result.steps if result else None, wall_s=round(time.time() - handle.started_at, 1))
         if outcome in ("failed", "interrupted") and sup.stop_reason != "wall_clock":
             await self._follow_up(run, outcome, policy)
-        self.daemon.notifier.status("idle")
         return outcome
 
     @staticmethod
