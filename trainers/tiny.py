@@ -16,13 +16,21 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(corpus: Iterable[str], out_dir: str | Path, vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer on ``corpus`` and save it as a HF fast tokenizer."""
+def build_tokenizer(corpus: Iterable[str], out_dir: str | Path, vocab_size: int = 512, *,
+                    individual_digits: bool = False):
+    """Train a byte-level BPE tokenizer on ``corpus`` and save it as a HF fast tokenizer.
+
+    ``individual_digits`` splits every number into single digits (one token each), which is what
+    lets a small model learn arithmetic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if individual_digits else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
