@@ -1,0 +1,662 @@
+"""`atlasd demo`: the whole loop on this machine, with visible progress and no question asked.
+
+1. Models: ``python -m trainers.demo_models`` in a child (torch never enters this process) builds
+   the teacher and student once, cached under ``<state dir>/models``.
+2. Database: a throw-away cluster (``EmbeddedPostgres``) unless ``ATLASD_DB_URL`` names a
+   throw-away database; the SDK tables and the atlasd schema are created fresh. MLflow: sqlite
+   under the state dir, removed at the start of every run (the models are kept).
+3. Policy: ``policies/examples/demo.yaml`` copied to ``<state dir>/policies/demo.yaml`` with the
+   built models' paths and the base student's measured accuracy as baseline.
+4. The real daemon (``python -m atlasd run``) as a child; traffic written as the Atlas SDK writes
+   it (asyncpg, one autocommit statement per write), approved by a "reviewer" in batches.
+   Batch 1 -> fast run 1 from the base student; batch 2 -> fast run 2 from the champion;
+   ``atlasd trigger demo --gear quality`` -> run 3. Progress is read from the database.
+5. A closing table, ``<state dir>/summary.json`` (facts collected while the database was up) and
+   the commands to look further (MLflow UI, ``atlasd status``).
+
+Every child (model build, daemon, and through it the trainer) runs in its own session, so a
+Ctrl-C reaches only this process; its ``finally`` blocks stop them in order (SIGTERM, wait,
+SIGKILL) and then the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+
+from atlasd.db import safe_error
+from atlasd.db.migrate import init_sdk_schema, migrate
+from atlasd.settings import redact_url
+
+POLICY_NAME = "demo"
+POLICY_TEMPLATE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "demo.yaml"
+TRAFFIC_SEED = 50_000  # demo traffic: problems the models were neither built nor measured on
+SDK_TABLES = ("trajectory_events", "guidance_notes", "step_attempts", "step_results", "plans", "sessions")
+DAEMON_STOP_TIMEOUT_S = 30.0
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says why and where to look."""
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How big the demo is. ``fast`` is the test suite's reduced mode: same code path, small numbers."""
+
+    name: str
+    fast_models: bool
+    batch_every: int  # fast gear's batch threshold
+    extra_good: int  # batch 1 holds this many good traces beyond the threshold (they stay pending)
+    wrong: int  # per batch: approved sessions with a wrong answer (reward 0: below min_reward)
+    rejected: int  # per batch: sessions the reviewer quarantines
+    malformed: int  # per batch: approved sessions the daemon records as malformed
+    approve_chunk: int  # the reviewer approves this many sessions per UPDATE
+    run_timeout_s: float
+    policy_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Mode(name="full", fast_models=False, batch_every=200, extra_good=10, wrong=6, rejected=8, malformed=4,
+            approve_chunk=25, run_timeout_s=900)
+FAST = Mode(name="fast", fast_models=True, batch_every=30, extra_good=4, wrong=2, rejected=2, malformed=2,
+            approve_chunk=10, run_timeout_s=300, policy_overrides={
+                "targets.min_success_delta": 0.0,  # the fast models are too small to promise a lift
+                "gears.fast.optim.max_steps": 6,
+                "gears.quality.optim.max_steps": 8,
+                "gears.fast.eval.max_samples": 10,
+                "gears.quality.eval.max_samples": 10,
+                "gears.fast.eval.eval_fraction": 0.2,
+                "gears.quality.eval.eval_fraction": 0.2,
+            })
+
+
+class Progress:
+    """Timestamped progress lines on stdout."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- children
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without any ATLASD_* setting (the demo's children get exactly the demo's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATLASD_") or k == "ATLASD_PG_BINDIR"}
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    env.update(extra)
+    return env
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float, *, group: bool = True) -> None:
+    """SIGTERM (to its process group: each child leads its own session), wait, then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        send(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            send(signal.SIGKILL)
+        proc.wait(10)
+
+
+def build_models(models_dir: Path, fast: bool, say: Progress) -> tuple[Path, Path]:
+    """Build (or reuse) the demo models in a child process; returns (teacher, student)."""
+    argv = [sys.executable, "-m", "trainers.demo_models", str(models_dir), *(["--fast"] if fast else [])]
+    say(f"models: {' '.join(argv[1:])} (cached after the first build)")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env({}),
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+    last = ""
+    try:
+        for line in proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                last = line
+            elif line and "Writing model shards" not in line and "Loading weights" not in line:
+                say(f"  models: {line}")
+        code = proc.wait()
+    finally:
+        stop_process(proc, 10)
+    if code != 0 or not last:
+        raise DemoError(f"building the demo models failed (exit {code}); run `python -m trainers.demo_models "
+                        f"{models_dir}{' --fast' if fast else ''}` to see why")
+    built = json.loads(last)
+    return Path(built["teacher"]), Path(built["student"])
+
+
+# ---------------------------------------------------------------- database
+
+
+def reset_database(url: str) -> None:
+    """Fresh SDK tables and atlasd schema. Refuses a database holding sessions the demo did not write."""
+    from trainers.demo_models import DEMO_LEARNING_KEY
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("SELECT to_regclass('public.sessions')").fetchone()[0] is not None:
+            foreign = conn.execute(
+                "SELECT count(*) FROM sessions WHERE metadata IS NULL OR jsonb_typeof(metadata) <> 'object' "
+                "OR metadata->>'learning_key' IS DISTINCT FROM %s", [DEMO_LEARNING_KEY]).fetchone()[0]
+            if foreign and conn.execute("SELECT count(*) FROM sessions WHERE metadata->>'demo_problem_id' IS NULL"
+                                        ).fetchone()[0]:
+                raise DemoError(f"{redact_url(url)} holds Atlas sessions the demo did not write: the demo empties "
+                                "its database, so give it a throw-away one (or unset ATLASD_DB_URL)")
+        conn.execute("DROP SCHEMA IF EXISTS atlasd CASCADE")
+        for table in SDK_TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS public.{table} CASCADE")
+    init_sdk_schema(url)
+    migrate(url)
+
+
+def query(url: str, sql: str, params: list | None = None) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        return conn.execute(sql, params or []).fetchall()
+
+
+# ---------------------------------------------------------------- traffic (as the Atlas SDK writes it)
+
+
+@dataclass
+class Batch:
+    approved: list[int] = field(default_factory=list)  # good + wrong + malformed
+    good: int = 0
+    wrong: int = 0
+    malformed: int = 0
+    rejected: int = 0
+
+
+def _wrong(solution: str, answer: int) -> str:
+    return solution.rsplit("Final Answer:", 1)[0] + f"Final Answer: {answer + 1}"
+
+
+async def _write_session(conn, session: dict, *, metadata: Any, reward_stats: Any) -> int:
+    """One session the way the SDK stores it: each write its own autocommit statement."""
+    sid = await conn.fetchval(
+        "INSERT INTO sessions (task, status, metadata) VALUES ($1, 'running', $2::jsonb) RETURNING id",
+        session["task"], json.dumps(metadata))
+    await conn.execute("INSERT INTO plans (session_id, plan) VALUES ($1, $2::jsonb)", sid, json.dumps(session["plan"]))
+    for event in session["events"]:
+        await conn.execute("INSERT INTO trajectory_events (session_id, event) VALUES ($1, $2::jsonb)",
+                           sid, json.dumps(event))
+    await conn.execute(
+        "UPDATE sessions SET status = 'succeeded', final_answer = $2, reward = $3::jsonb, reward_stats = $4::jsonb, "
+        "completed_at = now() WHERE id = $1",
+        sid, session["final_answer"], json.dumps(session["reward"]),
+        None if reward_stats is None else json.dumps(reward_stats))
+    return sid
+
+
+async def write_batch(url: str, mode: Mode, index: int, n_good: int) -> Batch:
+    """Write one batch of agent sessions, then review it: approve in chunks, quarantine a few."""
+    import asyncpg
+
+    from trainers.demo_models import generate_problems, sdk_session, solution_text
+
+    total = n_good + mode.wrong + mode.malformed + mode.rejected
+    problems = generate_problems(total, seed=TRAFFIC_SEED + index)
+    batch = Batch()
+    rejected: list[int] = []
+    conn = await asyncpg.connect(url, server_settings={"application_name": "atlas-sdk-demo"})
+    try:
+        for i, problem in enumerate(problems):
+            kind = ("good" if i < n_good else "wrong" if i < n_good + mode.wrong
+                    else "malformed" if i < n_good + mode.wrong + mode.malformed else "rejected")
+            s = sdk_session(problem, completion=_wrong(solution_text(problem), problem.answer) if kind == "wrong" else None)
+            metadata, reward_stats = s["metadata"], s["reward_stats"]
+            if kind == "malformed":  # alternate the two defects a buggy agent config produces
+                if i % 2:
+                    reward_stats = None
+                else:
+                    metadata = [metadata]
+            sid = await _write_session(conn, s, metadata=metadata, reward_stats=reward_stats)
+            if kind == "rejected":
+                rejected.append(sid)
+            else:
+                batch.approved.append(sid)
+                setattr(batch, kind, getattr(batch, kind) + 1)
+        batch.rejected = len(rejected)
+        for lo in range(0, len(batch.approved), mode.approve_chunk):
+            await conn.execute("UPDATE sessions SET review_status = 'approved' WHERE id = ANY($1)",
+                               batch.approved[lo: lo + mode.approve_chunk])
+        await conn.execute("UPDATE sessions SET review_status = 'quarantined', review_notes = 'wrong tool output' "
+                           "WHERE id = ANY($1)", rejected)
+    finally:
+        await conn.close()
+    return batch
+
+
+# ---------------------------------------------------------------- policy
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data[key]
+    data[last] = value
+
+
+def write_policy(state_dir: Path, teacher: Path, student: Path, baseline: float, mode: Mode) -> Path:
+    """The demo policy with the built models and the measured baseline (and the fast-mode numbers)."""
+    from atlasd.policies import PolicyFileError, load_policy_file
+
+    data = yaml.safe_load(POLICY_TEMPLATE.read_text())
+    data["teacher"], data["student"] = str(teacher.resolve()), str(student.resolve())
+    data["targets"]["baseline_success"] = baseline
+    data["gears"]["fast"]["trigger"]["batch"]["every"] = mode.batch_every
+    for dotted, value in mode.policy_overrides.items():
+        _set_path(data, dotted, value)
+    path = state_dir / "policies" / f"{POLICY_NAME}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# written by `atlasd demo` ({mode.name} mode) from {POLICY_TEMPLATE}; see the comments there\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    try:
+        load_policy_file(path)
+    except PolicyFileError as exc:
+        raise DemoError(str(exc)) from None
+    return path
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """``python -m atlasd run`` in its own session, JSON log to ``daemon.log``."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env, self.log_path = env, log_path
+        self.proc: subprocess.Popen | None = None
+        self.trainer_pgids: dict[int, tuple[int, str]] = {}  # run id -> (pgid, run dir), to clean up after a kill
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "atlasd", "run"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def events(self) -> list[dict]:
+        out = []
+        with contextlib.suppress(FileNotFoundError), open(self.log_path, errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        out.append(event)
+        return out
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            tail = "".join(self.log_path.read_text(errors="replace").splitlines(True)[-15:])
+            raise DemoError(f"the daemon exited ({None if self.proc is None else self.proc.returncode}); "
+                            f"its log is {self.log_path}:\n{tail}")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(e.get("event") == "ready" for e in self.events()):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise DemoError(f"the daemon was not ready after {timeout:.0f}s; see {self.log_path}")
+            time.sleep(0.2)
+
+    def stop(self) -> int | None:
+        """SIGTERM (the daemon stops its trainer first), wait, SIGKILL; then any trainer group left."""
+        if self.proc is None:
+            return None
+        stop_process(self.proc, DAEMON_STOP_TIMEOUT_S, group=False)
+        for pgid, run_dir in self.trainer_pgids.values():
+            if _group_alive_in(pgid, run_dir):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def _group_alive_in(pgid: int, run_dir: str) -> bool:
+    """The trainer group leader still runs in its run folder (a reused pid is never hit)."""
+    try:
+        return os.path.realpath(f"/proc/{pgid}/cwd") == os.path.realpath(run_dir)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- following runs
+
+
+RUN_SQL = """SELECT r.id, r.gear, r.trigger, r.state, r.n_traces, r.window_lo, r.window_hi, r.started_at,
+                    r.finished_at, r.metrics, r.result, r.spec, r.champion_version, r.error, r.pgid, r.output_dir,
+                    g.state, g.model_version, g.decision, g.last_error
+               FROM atlasd.runs r LEFT JOIN atlasd.registrations g ON g.run_id = r.id WHERE r.id = %s"""
+RUN_KEYS = ("id", "gear", "trigger", "state", "n_traces", "window_lo", "window_hi", "started_at", "finished_at",
+            "metrics", "result", "spec", "champion_version", "error", "pgid", "output_dir", "registration",
+            "model_version", "decision", "registration_error")
+
+
+def fetch_run(url: str, run_id: int) -> dict:
+    rows = query(url, RUN_SQL, [run_id])
+    return dict(zip(RUN_KEYS, rows[0])) if rows else {}
+
+
+def promotion_of(url: str, run_id: int) -> dict | None:
+    rows = query(url, "SELECT action, from_version, to_version, reason, checks FROM atlasd.promotions "
+                      "WHERE atlasd_run_id = %s AND action IN ('promote', 'reject')", [run_id])
+    return dict(zip(("action", "from_version", "to_version", "reason", "checks"), rows[0])) if rows else None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+class Follower:
+    """Waits on the database for the daemon's milestones and prints one line per milestone."""
+
+    def __init__(self, url: str, daemon: Daemon, say: Progress, mode: Mode) -> None:
+        self.url, self.daemon, self.say, self.mode = url, daemon, say, mode
+
+    def wait(self, what: str, predicate, timeout: float, interval: float = 0.5):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            self.daemon.check_alive()
+            if time.monotonic() > deadline:
+                raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; see {self.daemon.log_path}")
+            time.sleep(interval)
+
+    def recorded(self, expected: int, malformed: int) -> None:
+        def count():
+            n, bad = query(self.url, "SELECT count(*), count(malformed) FROM atlasd.intake")[0]
+            return (n, bad) if n >= expected else None
+
+        n, bad = self.wait(f"{expected} recorded traces", count, 60, 0.1)
+        reasons = query(self.url, "SELECT malformed, count(*) FROM atlasd.intake WHERE malformed IS NOT NULL "
+                                  "GROUP BY 1 ORDER BY 1")
+        self.say(f"daemon recorded {n} traces so far ({bad} malformed: "
+                 + ("; ".join(f"{c}x {r}" for r, c in reasons) or "none") + ")")
+        if bad != malformed:
+            raise DemoError(f"expected {malformed} malformed traces recorded, the daemon has {bad}")
+
+    def queued_run(self, after_id: int, gear: str) -> int:
+        rows = self.wait(f"a queued {gear} run", lambda: query(
+            self.url, "SELECT id, trigger, window_lo, window_hi, n_traces FROM atlasd.runs WHERE id > %s AND gear = %s "
+                      "ORDER BY id LIMIT 1", [after_id, gear]), 60, 0.2)
+        run_id, trigger, lo, hi, n = rows[0]
+        self.say(f"run {run_id} queued: {POLICY_NAME}/{gear}, trigger {trigger}, {n} new traces (intake seq {lo}..{hi}]")
+        return run_id
+
+    def run(self, run_id: int) -> dict:
+        """Follow one run to its registration and gate decision."""
+        seen_state, next_step_pct, t_start = "queued", 0.25, None
+        deadline = time.monotonic() + self.mode.run_timeout_s
+        while True:
+            self.daemon.check_alive()
+            run = fetch_run(self.url, run_id)
+            state, metrics = run["state"], run["metrics"] or {}
+            if seen_state == "queued" and (run["pgid"] or state not in ("queued", "running")):
+                spec = run["spec"] or {}  # written with the trainer's pid, after the champion is resolved
+                origin = (f"champion v{run['champion_version']} ({spec.get('student')})" if run["champion_version"]
+                          else "the base student")
+                self.say(f"run {run_id} started: training from {origin}")
+                t_start, seen_state = time.monotonic(), "running"
+            if state == "running" and run["pgid"] and run["output_dir"] and run_id not in self.daemon.trainer_pgids:
+                self.daemon.trainer_pgids[run_id] = (run["pgid"], run["output_dir"])
+            step, total = metrics.get("step"), metrics.get("total_steps")
+            if state == "running" and step and total and step / total >= next_step_pct:
+                loss = metrics.get("loss")
+                self.say(f"run {run_id}: step {step}/{total}" + (f", loss {loss:.4f}" if loss is not None else ""))
+                while step / total >= next_step_pct:
+                    next_step_pct += 0.25
+            if state not in ("queued", "running") and seen_state != state:
+                seen_state = state
+                result = run["result"] or {}
+                wall = f"{time.monotonic() - t_start:.0f}s" if t_start else "-"
+                before, after = (result.get("eval_start") or {}), (result.get("eval") or {})
+                self.say(f"run {run_id} {state} after {wall}: {result.get('steps', 0)} steps on {result.get('n_train', 0)} "
+                         f"traces; success on the frozen eval set ({after.get('n_samples', 0)} problems) "
+                         f"{_pct(before.get('success_rate'))} -> {_pct(after.get('success_rate'))}")
+                if state != "succeeded":
+                    raise DemoError(f"run {run_id} {state}: {run['error']}; see {run['output_dir']}/stderr.log "
+                                    f"and {self.daemon.log_path}")
+            if run["registration"] == "done":
+                promo = promotion_of(self.url, run_id)
+                self.say(f"run {run_id} registered as {run['model_version'] and 'version ' + run['model_version']} "
+                         f"of the MLflow model")
+                if promo and promo["action"] == "promote":
+                    self.say(f"promoted: version {promo['to_version']} is the champion "
+                             f"(was {promo['from_version'] or 'none'}): every gate check met")
+                elif promo:
+                    self.say(f"not promoted: {promo['reason']}")
+                run["promotion"] = promo
+                return run
+            if run["registration"] == "failed" or (run["registration"] == "pending" and run["registration_error"]):
+                raise DemoError(f"registering run {run_id} failed: {run['registration_error']}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"run {run_id} did not finish within {self.mode.run_timeout_s:.0f}s "
+                                f"(state {state}); see {self.daemon.log_path}")
+            time.sleep(0.5)
+
+
+def notify_evidence(events: list[dict], run_id: int) -> dict:
+    """The daemon log lines showing run ``run_id`` was queued from a NOTIFY-hinted intake (not a poll)."""
+    for i, e in enumerate(events):
+        if e.get("event") == "run queued" and e.get("run_id") == run_id:
+            intake = next((p for p in reversed(events[:i]) if p.get("event") == "intake"), None)
+            if intake is None or intake.get("full") is not False or not intake.get("hinted"):
+                raise DemoError(f"run {run_id} was not queued right after a NOTIFY-hinted intake: {intake}")
+            return {"intake": intake, "run_queued": e}
+    raise DemoError(f"no 'run queued' line for run {run_id} in the daemon log")
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atlasd", *args], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def clean_state(state_dir: Path) -> None:
+    """Everything from the previous demo except the models."""
+    for name in ("mlflow.db", "mlartifacts", "runs", "registry-cache", "policies", "daemon.log", "summary.json"):
+        path = state_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = False, db_url: str | None = None,
+             keep_db: bool = False) -> int:
+    """The demo; 0 when every step happened. Raises DemoError (or a database error) otherwise."""
+    mode = FAST if fast else FULL
+    say = Progress()
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    clean_state(state_dir)
+    say(f"atlasd demo ({mode.name} mode), state dir {state_dir}")
+
+    teacher, student = build_models((models_dir or state_dir / "models").resolve(), mode.fast_models, say)
+    from trainers.demo_models import DEMO_LEARNING_KEY, build_info  # pure Python (torch only inside functions)
+
+    info = build_info(student)
+    baseline = info["student"]["held_out_accuracy"]
+    say(f"models ready: teacher {info['teacher']['params']:,} weights, {_pct(info['teacher']['held_out_accuracy'])} "
+        f"held-out accuracy; student {info['student']['params']:,} weights, {_pct(baseline)} (the baseline)")
+
+    pg = None
+    daemon: Daemon | None = None
+    try:
+        if db_url is None:
+            from atlasd.demo.embedded_pg import EmbeddedPostgres
+
+            say("postgres: starting a throw-away cluster (initdb + pg_ctl)")
+            pg = EmbeddedPostgres()
+            pg.start()
+            url = pg.url
+            say(f"postgres: cluster in {pg.root} (removed at the end), port {pg.port}")
+        else:
+            url = db_url
+        say(f"postgres: {redact_url(url)}; creating the Atlas SDK tables and the atlasd schema")
+        reset_database(url)
+        policy_path = write_policy(state_dir, teacher, student, baseline, mode)
+        say(f"policy: {policy_path} (fast gear every {mode.batch_every} traces; quality gear by cron or by hand)")
+
+        env = _child_env({
+            "ATLASD_DB_URL": url,
+            "ATLASD_POLICIES_DIR": str(policy_path.parent),
+            "ATLASD_STATE_DIR": str(state_dir),
+            "ATLASD_LOG_FORMAT": "json",
+            "ATLASD_METRICS_ADDR": "127.0.0.1:0",
+            "ATLASD_POLL_INTERVAL_S": "3600",  # intake after start-up comes from NOTIFY alone
+            "ATLASD_RUNNER_POLL_S": "0.5",
+            "ATLASD_CHILD_STOP_TIMEOUT_S": "20",
+            "ATLASD_PROMOTION_NOTIFY": "true",
+        })
+        daemon = Daemon(env, state_dir / "daemon.log")
+        daemon.start()
+        daemon.wait_ready()
+        say(f"daemon: ready (pid {daemon.proc.pid}, JSON log {daemon.log_path})")
+        follow = Follower(url, daemon, say, mode)
+        facts: dict[str, Any] = {"mode": mode.name, "state_dir": str(state_dir), "teacher": str(teacher),
+                                 "student": str(student), "baseline_success": baseline,
+                                 "learning_key": DEMO_LEARNING_KEY, "batches": [], "runs": []}
+        expected = 0
+        run_ids: list[int] = []
+        for index, n_good in enumerate((mode.batch_every + mode.extra_good, mode.batch_every), start=1):
+            t = time.monotonic()
+            batch = asyncio.run(write_batch(url, mode, index, n_good))
+            expected += len(batch.approved)
+            say(f"agents: batch {index}: {n_good + batch.wrong + batch.malformed + batch.rejected} sessions written "
+                f"(asyncpg, SDK schema) in {time.monotonic() - t:.1f}s; reviewer approved {len(batch.approved)} "
+                f"({batch.good} right answers, {batch.wrong} wrong, {batch.malformed} malformed), "
+                f"quarantined {batch.rejected}")
+            facts["batches"].append({"index": index, "approved": len(batch.approved), "good": batch.good,
+                                     "wrong": batch.wrong, "malformed": batch.malformed, "rejected": batch.rejected})
+            follow.recorded(expected, sum(b["malformed"] for b in facts["batches"]))
+            run_id = follow.queued_run(run_ids[-1] if run_ids else 0, "fast")
+            evidence = notify_evidence(daemon.events(), run_id)
+            say(f"  triggered by NOTIFY: intake of {evidence['intake']['hinted']} hinted session ids "
+                f"recorded {evidence['intake']['recorded']}, then the fast gear fired ({evidence['run_queued']['reason']})")
+            facts.setdefault("notify", {})[str(run_id)] = evidence
+            run_ids.append(run_id)
+            follow.run(run_id)
+
+        say(f"operator: atlasd trigger {POLICY_NAME} --gear quality")
+        trig = _cli(env, "trigger", POLICY_NAME, "--gear", "quality")
+        if trig.returncode != 0:
+            raise DemoError(f"atlasd trigger failed: {trig.stderr.strip()}")
+        say(f"  {trig.stdout.strip()}")
+        run_ids.append(follow.queued_run(run_ids[-1], "quality"))
+        follow.run(run_ids[-1])
+
+        facts["runs"] = [_run_facts(url, r) for r in run_ids]
+        facts["intake"] = dict(zip(("total", "malformed"), query(
+            url, "SELECT count(*), count(malformed) FROM atlasd.intake")[0]))
+        facts["promotions"] = [dict(zip(("id", "action", "from_version", "to_version", "reason", "run_id"), r))
+                               for r in query(url, "SELECT id, action, from_version, to_version, reason, atlasd_run_id "
+                                                   "FROM atlasd.promotions ORDER BY id")]
+        status = _cli(env, "status")
+        status_json = _cli(env, "status", "--json")
+        models = _cli(env, "models", POLICY_NAME, "--json")
+        for name, proc in (("status", status_json), ("models", models)):
+            if proc.returncode != 0:
+                raise DemoError(f"atlasd {name} failed: {proc.stderr.strip()}")
+        facts["status"] = json.loads(status_json.stdout)
+        facts["models"] = json.loads(models.stdout)
+
+        say("daemon: stopping (SIGTERM)")
+        facts["daemon_exit"] = daemon.stop()
+        daemon = None
+        facts["daemon_log"] = str(state_dir / "daemon.log")
+        facts["wall_time_s"] = round(say.elapsed(), 1)
+        facts["heavy_modules_in_demo_process"] = sorted(m for m in ("torch", "transformers", "trl", "mlflow")
+                                                        if m in sys.modules)
+        (state_dir / "summary.json").write_text(json.dumps(facts, indent=2, default=str))
+        print_summary(facts, status.stdout, state_dir, url if pg is not None and keep_db else None, pg)
+        if pg is not None and keep_db:
+            pg = None  # left running on purpose
+        return 0
+    finally:
+        # a second Ctrl-C must not cut the clean-up short: each step below is bounded by its own timeout
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if daemon is not None:
+                say("stopping the daemon (and its trainer)")
+                daemon.stop()
+            if pg is not None:
+                say("stopping the throw-away postgres")
+                pg.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run_facts(url: str, run_id: int) -> dict:
+    run = fetch_run(url, run_id)
+    result, spec = run["result"] or {}, run["spec"] or {}
+    start, end = result.get("eval_start") or {}, result.get("eval") or {}
+    return {
+        "id": run_id, "gear": run["gear"], "trigger": run["trigger"], "state": run["state"],
+        "n_traces": run["n_traces"], "window": [run["window_lo"], run["window_hi"]],
+        "n_train": result.get("n_train"), "n_eval": result.get("n_eval"), "steps": result.get("steps"),
+        "wall_time_s": (run["finished_at"] - run["started_at"]).total_seconds() if run["finished_at"] else None,
+        "student": spec.get("student"), "base_student": spec.get("base_student"),
+        "champion_version": run["champion_version"],
+        "success_before": start.get("success_rate"), "success_after": end.get("success_rate"),
+        "tokens_before": start.get("avg_tokens"), "avg_tokens": end.get("avg_tokens"),
+        "eval_set_hash": end.get("eval_set_hash"),
+        "success_delta": (result.get("baseline") or {}).get("success_delta"),
+        "model_version": run["model_version"], "registration": run["registration"], "decision": run["decision"],
+        "promotion": promotion_of(url, run_id),
+    }
+
+
+def print_summary(facts: dict, status_text: str, state_dir: Path, kept_url: str | None, pg) -> None:
+    rows = [("run", "gear", "trigger", "trained/new traces", "steps", "wall", "success before -> after", "avg tokens",
+             "version", "promoted?")]
+    for r in facts["runs"]:
+        promo = r["promotion"] or {}
+        verdict = ("yes" if promo.get("action") == "promote" else f"no: {promo.get('reason', 'no gate decision')}")
+        rows.append((str(r["id"]), r["gear"], r["trigger"], f"{r['n_train']}/{r['n_traces']}", str(r["steps"]),
+                     f"{r['wall_time_s']:.0f}s" if r["wall_time_s"] is not None else "-",
+                     f"{_pct(r['success_before'])} -> {_pct(r['success_after'])}",
+                     "-" if r["avg_tokens"] is None else f"{r['avg_tokens']:.1f}", f"v{r['model_version']}", verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    print()
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    champion = next((m.get("aliases", {}).get("champion") for m in facts["models"].get("models", [])), None)
+    print(f"\n  base student: {_pct(facts['baseline_success'])} on its held-out problems; champion: "
+          f"{'version ' + str(champion) if champion else 'none'} of {facts['models']['models'][0]['registered_model'] if facts['models'].get('models') else '-'}")
+    print(f"  intake: {facts['intake']['total']} traces recorded, {facts['intake']['malformed']} malformed; "
+          f"demo wall time {facts['wall_time_s']:.0f}s")
+    print("\n  atlasd status at the end of the demo:")
+    print("".join(f"    {line}\n" for line in status_text.splitlines()), end="")
+    venv_bin = Path(sys.executable).parent
+    print("\n  look further:")
+    print(f"    {venv_bin / 'mlflow'} ui --backend-store-uri sqlite:///{state_dir / 'mlflow.db'}   # then http://127.0.0.1:5000")
+    print(f"    cat {state_dir / 'summary.json'}   # the facts above, machine-readable")
+    print(f"    {state_dir / 'daemon.log'}   # the daemon's JSON log; runs in {state_dir / 'runs'}")
+    if kept_url:
+        env = f"ATLASD_DB_URL={kept_url} ATLASD_STATE_DIR={state_dir} ATLASD_POLICIES_DIR={state_dir / 'policies'}"
+        print(f"    {env} {venv_bin / 'atlasd'} status   # the demo database is still running (--keep-db)")
+        stop = " ".join(pg._as_owner([str(pg.bindir / "pg_ctl"), "-D", str(pg.root / "data"), "stop", "-m", "fast"]))
+        print(f"    {stop} && rm -rf {pg.root}   # stop it when done")
+    else:
+        print("    (the throw-away database is gone; `atlasd demo --keep-db` leaves it running for `atlasd status`)")
