@@ -273,6 +273,8 @@ class RunnerComponent:
                                                          "(hung trainer)", handle, log)
         finally:
             await reader
+        if dirty:
+            await self._heartbeat(run.id, sup.metrics)  # the last metrics, whatever the throttle held back
         return sup
 
     def _absorb(self, event: dict[str, Any], sup: Supervision, log) -> bool:

@@ -238,16 +238,17 @@ async def _cancel(db_url: str, run_id: int) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_trainers():
+def _no_stray_trainers(tmp_path):
     yield
-    # every trainer a test started has been stopped
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_trainer(p)]
+    # every trainer this test started (its spec lies under the test's tmp_path) has been stopped
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_trainer_of(p, tmp_path)]
     assert leftovers == [], leftovers
 
 
-def _is_trainer(proc: Path) -> bool:
+def _is_trainer_of(proc: Path, tmp_path: Path) -> bool:
     try:
         cmd = (proc / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"trainers" in cmd and b"run" in cmd and any(b"run_spec-" in c for c in cmd)
+    mine = str(tmp_path).encode()
+    return b"trainers" in cmd and any(b"run_spec-" in c and c.startswith(mine) for c in cmd)
