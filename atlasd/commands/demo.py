@@ -36,6 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from atlasd.demo.run import DemoError, run_demo
 
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM cleans up exactly as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
     db_url = os.environ.get("ATLASD_DB_URL") or None
     if db_url and args.keep_db:
         raise CommandError("--keep-db applies to the throw-away cluster only; ATLASD_DB_URL is set")

@@ -37,8 +37,8 @@ from typing import Any
 import psycopg
 import yaml
 
-from atlasd.db import safe_error
 from atlasd.db.migrate import init_sdk_schema, migrate
+from atlasd.policies import Policy, PolicyFileError, load_policy_file
 from atlasd.settings import redact_url
 
 POLICY_NAME = "demo"
@@ -58,7 +58,6 @@ class Mode:
 
     name: str
     fast_models: bool
-    batch_every: int  # fast gear's batch threshold
     extra_good: int  # batch 1 holds this many good traces beyond the threshold (they stay pending)
     wrong: int  # per batch: approved sessions with a wrong answer (reward 0: below min_reward)
     rejected: int  # per batch: sessions the reviewer quarantines
@@ -68,17 +67,16 @@ class Mode:
     policy_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-FULL = Mode(name="full", fast_models=False, batch_every=200, extra_good=10, wrong=6, rejected=8, malformed=4,
+FULL = Mode(name="full", fast_models=False, extra_good=10, wrong=6, rejected=8, malformed=4,
             approve_chunk=25, run_timeout_s=900)
-FAST = Mode(name="fast", fast_models=True, batch_every=30, extra_good=4, wrong=2, rejected=2, malformed=2,
+FAST = Mode(name="fast", fast_models=True, extra_good=4, wrong=2, rejected=2, malformed=2,
             approve_chunk=10, run_timeout_s=300, policy_overrides={
+                "gears.fast.trigger.batch.every": 30,
                 "targets.min_success_delta": 0.0,  # the fast models are too small to promise a lift
                 "gears.fast.optim.max_steps": 6,
                 "gears.quality.optim.max_steps": 8,
                 "gears.fast.eval.max_samples": 10,
                 "gears.quality.eval.max_samples": 10,
-                "gears.fast.eval.eval_fraction": 0.2,
-                "gears.quality.eval.eval_fraction": 0.2,
             })
 
 
@@ -92,7 +90,8 @@ class Progress:
         return time.monotonic() - self.t0
 
     def __call__(self, msg: str) -> None:
-        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+        with contextlib.suppress(OSError):  # stdout gone (a closed pipe): the demo and its clean-up go on
+            print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------- children
@@ -150,17 +149,14 @@ def build_models(models_dir: Path, fast: bool, say: Progress) -> tuple[Path, Pat
 
 def reset_database(url: str) -> None:
     """Fresh SDK tables and atlasd schema. Refuses a database holding sessions the demo did not write."""
-    from trainers.demo_models import DEMO_LEARNING_KEY
-
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         if conn.execute("SELECT to_regclass('public.sessions')").fetchone()[0] is not None:
-            foreign = conn.execute(
-                "SELECT count(*) FROM sessions WHERE metadata IS NULL OR jsonb_typeof(metadata) <> 'object' "
-                "OR metadata->>'learning_key' IS DISTINCT FROM %s", [DEMO_LEARNING_KEY]).fetchone()[0]
-            if foreign and conn.execute("SELECT count(*) FROM sessions WHERE metadata->>'demo_problem_id' IS NULL"
-                                        ).fetchone()[0]:
-                raise DemoError(f"{redact_url(url)} holds Atlas sessions the demo did not write: the demo empties "
-                                "its database, so give it a throw-away one (or unset ATLASD_DB_URL)")
+            # every session the demo writes carries demo_problem_id (its malformed ones inside a JSON array)
+            foreign = conn.execute("SELECT count(*) FROM sessions WHERE metadata IS NULL "
+                                   "OR metadata::text NOT LIKE '%\"demo_problem_id\"%'").fetchone()[0]
+            if foreign:
+                raise DemoError(f"{redact_url(url)} holds {foreign} Atlas sessions the demo did not write: the demo "
+                                "empties its database, so give it a throw-away one (or unset ATLASD_DB_URL)")
         conn.execute("DROP SCHEMA IF EXISTS atlasd CASCADE")
         for table in SDK_TABLES:
             conn.execute(f"DROP TABLE IF EXISTS public.{table} CASCADE")
@@ -255,14 +251,11 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     data[last] = value
 
 
-def write_policy(state_dir: Path, teacher: Path, student: Path, baseline: float, mode: Mode) -> Path:
+def write_policy(state_dir: Path, teacher: Path, student: Path, baseline: float, mode: Mode) -> tuple[Path, Policy]:
     """The demo policy with the built models and the measured baseline (and the fast-mode numbers)."""
-    from atlasd.policies import PolicyFileError, load_policy_file
-
     data = yaml.safe_load(POLICY_TEMPLATE.read_text())
     data["teacher"], data["student"] = str(teacher.resolve()), str(student.resolve())
     data["targets"]["baseline_success"] = baseline
-    data["gears"]["fast"]["trigger"]["batch"]["every"] = mode.batch_every
     for dotted, value in mode.policy_overrides.items():
         _set_path(data, dotted, value)
     path = state_dir / "policies" / f"{POLICY_NAME}.yaml"
@@ -270,10 +263,9 @@ def write_policy(state_dir: Path, teacher: Path, student: Path, baseline: float,
     path.write_text(f"# written by `atlasd demo` ({mode.name} mode) from {POLICY_TEMPLATE}; see the comments there\n"
                     + yaml.safe_dump(data, sort_keys=False))
     try:
-        load_policy_file(path)
+        return path, load_policy_file(path)
     except PolicyFileError as exc:
         raise DemoError(str(exc)) from None
-    return path
 
 
 # ---------------------------------------------------------------- the daemon
@@ -403,7 +395,7 @@ class Follower:
 
     def run(self, run_id: int) -> dict:
         """Follow one run to its registration and gate decision."""
-        seen_state, next_step_pct, t_start = "queued", 0.25, None
+        seen_state, next_step_pct, t_start, deferred_said = "queued", 0.25, None, False
         deadline = time.monotonic() + self.mode.run_timeout_s
         while True:
             self.daemon.check_alive()
@@ -436,8 +428,7 @@ class Follower:
                                     f"and {self.daemon.log_path}")
             if run["registration"] == "done":
                 promo = promotion_of(self.url, run_id)
-                self.say(f"run {run_id} registered as {run['model_version'] and 'version ' + run['model_version']} "
-                         f"of the MLflow model")
+                self.say(f"run {run_id} registered as version {run['model_version']} of the MLflow model")
                 if promo and promo["action"] == "promote":
                     self.say(f"promoted: version {promo['to_version']} is the champion "
                              f"(was {promo['from_version'] or 'none'}): every gate check met")
@@ -445,8 +436,11 @@ class Follower:
                     self.say(f"not promoted: {promo['reason']}")
                 run["promotion"] = promo
                 return run
-            if run["registration"] == "failed" or (run["registration"] == "pending" and run["registration_error"]):
+            if run["registration"] == "failed":
                 raise DemoError(f"registering run {run_id} failed: {run['registration_error']}")
+            if run["registration"] == "pending" and run["registration_error"] and not deferred_said:
+                deferred_said = True
+                self.say(f"run {run_id}: registration deferred ({run['registration_error']}); the daemon retries it")
             if time.monotonic() > deadline:
                 raise DemoError(f"run {run_id} did not finish within {self.mode.run_timeout_s:.0f}s "
                                 f"(state {state}); see {self.daemon.log_path}")
@@ -515,8 +509,9 @@ def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = Fa
             url = db_url
         say(f"postgres: {redact_url(url)}; creating the Atlas SDK tables and the atlasd schema")
         reset_database(url)
-        policy_path = write_policy(state_dir, teacher, student, baseline, mode)
-        say(f"policy: {policy_path} (fast gear every {mode.batch_every} traces; quality gear by cron or by hand)")
+        policy_path, policy = write_policy(state_dir, teacher, student, baseline, mode)
+        every = policy.gears["fast"].trigger.batch.every
+        say(f"policy: {policy_path} (fast gear every {every} traces; quality gear by cron or by hand)")
 
         env = _child_env({
             "ATLASD_DB_URL": url,
@@ -539,7 +534,7 @@ def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = Fa
                                  "learning_key": DEMO_LEARNING_KEY, "batches": [], "runs": []}
         expected = 0
         run_ids: list[int] = []
-        for index, n_good in enumerate((mode.batch_every + mode.extra_good, mode.batch_every), start=1):
+        for index, n_good in enumerate((every + mode.extra_good, every), start=1):
             t = time.monotonic()
             batch = asyncio.run(write_batch(url, mode, index, n_good))
             expected += len(batch.approved)
