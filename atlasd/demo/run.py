@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -133,7 +134,7 @@ def build_models(models_dir: Path, fast: bool, say: Progress) -> tuple[Path, Pat
             if line.startswith("{"):
                 last = line
             elif line and "Writing model shards" not in line and "Loading weights" not in line:
-                say(f"  models: {line}")
+                say("  models: " + re.sub(r"^\[[ 0-9.]+s\] ", "", line))  # without the child's own timestamp
         code = proc.wait()
     finally:
         stop_process(proc, 10)
