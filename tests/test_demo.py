@@ -170,4 +170,5 @@ def test_demo_ctrl_c_leaves_nothing_running(tmp_path, models_dir):
     assert not Path(pg_root).exists()
     events = log_events(state / "daemon.log")
     assert any(e.get("event") == "stop requested" and e.get("signal") == "SIGTERM" for e in events)
+    assert any(e.get("event") == "stopping the trainer" and e.get("run_id") == 1 for e in events)  # SIGTERM forwarded
     assert any(e.get("event") == "stopped" for e in events)
