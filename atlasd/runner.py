@@ -44,7 +44,7 @@ from atlasd.settings import Settings
 
 HEARTBEAT_WRITE_S = 2.0  # at most this often a heartbeat/metrics write to the run row
 METRIC_KEYS = ("step", "total_steps", "loss", "grad_norm", "lr", "tokens_per_s", "time_gen_s",
-               "time_teacher_s", "time_train_s", "phase", "epoch")
+               "time_teacher_s", "time_student_s", "time_optim_s", "peak_memory_gb", "phase", "epoch")
 QUIET_EVENTS = frozenset({"heartbeat"})  # logged at debug level only
 
 

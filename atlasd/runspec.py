@@ -66,7 +66,17 @@ class OptimSettings(_Strict):
     logging_steps: int = Field(1, gt=0)
     seed: int = 42
     lora: LoraSettings | None = None
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on CUDA, fp32 on CPU. bf16-mixed: fp32 master weights for what is "
+        "trained, bf16 autocast for the forward passes, frozen weights (teacher, LoRA base) stored in bf16.")
+    optimizer: Literal["adamw", "adamw-8bit"] = Field(
+        "adamw", description="adamw: torch AdamW (8 bytes of state per trained parameter); adamw-8bit: torchao's "
+        "AdamW8bit (2 bytes), for full fine-tuning that does not fit otherwise.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward; None: on for full fine-tuning on CUDA, off otherwise.")
     generation_backend: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="Share of the GPU's memory the in-process vLLM engine may take (weights + KV cache).")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> OptimSettings:

@@ -138,7 +138,7 @@ def test_db_errors_do_not_leak_the_password():
 
 
 def test_prompt_truncation_keeps_the_system_message(tiny_models):
-    from trainers.gkd import load_tokenizer
+    from trainers.models import load_tokenizer
 
     tok = load_tokenizer(tiny_models[1])
     messages = [{"role": "system", "content": "Task: keep me"}] + [

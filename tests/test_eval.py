@@ -10,7 +10,7 @@ import torch
 from atlasd.runspec import EvalReport, Targets
 from trainers.dataset import Example, eval_set_hash
 from trainers.evaluate import evaluate
-from trainers.gkd import load_causal_lm, load_tokenizer
+from trainers.models import load_causal_lm, load_tokenizer
 
 
 def report(rate: float, tokens: float, n: int = 50) -> EvalReport:
@@ -56,8 +56,8 @@ def test_evaluate_tiny_model(tiny_models, tmp_path):
     teacher_path, student_path = tiny_models
     tok = load_tokenizer(student_path)
     device = torch.device("cpu")
-    student = load_causal_lm(student_path, device, trainable=False)
-    teacher = load_causal_lm(teacher_path, device, trainable=False)
+    student = load_causal_lm(student_path, device, torch.float32, trainable=False)
+    teacher = load_causal_lm(teacher_path, device, torch.float32, trainable=False)
     examples = [Example(session_id=i, seq=i, prompt=[{"role": "system", "content": f"Task: {i} + 1?"}],
                         completion=f"Final Answer: {i + 1}", reference=str(i + 1)) for i in range(5)]
     always = lambda gen, ref: True  # noqa: E731

@@ -12,19 +12,13 @@ import torch
 
 from atlasd.runspec import GKDSettings, LoraSettings, OptimSettings
 from trainers.dataset import Example
-from trainers.gkd import (
-    GKDTrainer,
-    Interrupted,
-    generalized_jsd,
-    latest_checkpoint,
-    load_causal_lm,
-    load_student,
-    load_tokenizer,
-    step_indices,
-)
+from trainers.gkd import GKDTrainer, Interrupted, latest_checkpoint, step_indices
+from trainers.loss import generalized_jsd
+from trainers.models import Precision, load_causal_lm, load_student, load_tokenizer
 from trainers.telemetry import Telemetry
 
 CPU = torch.device("cpu")
+FP32 = Precision("fp32", CPU)
 
 
 @pytest.fixture(autouse=True)
@@ -41,13 +35,15 @@ def examples(n: int = 12) -> list[Example]:
     ]
 
 
-def make_trainer(tiny_models, out, data=None, *, student=None, stop=lambda: False, gkd=None, lora=None, **optim):
+def make_trainer(tiny_models, out, data=None, *, student=None, stop=lambda: False, gkd=None, lora=None,
+                 precision="fp32", **optim):
     teacher_path, student_path = tiny_models
     tok = load_tokenizer(student_path)
-    teacher = load_causal_lm(teacher_path, CPU, trainable=False)
-    student = student or load_student(student_path, None, CPU, lora)
+    prec = Precision(precision, CPU)
+    teacher = load_causal_lm(teacher_path, CPU, prec.frozen_dtype, trainable=False)
+    student = student or load_student(student_path, None, prec, lora)
     settings = dict(learning_rate=5e-3, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6,
-                    save_steps=1000, max_length=128, seed=7, lora=lora)
+                    save_steps=1000, max_length=128, seed=7, lora=lora, precision=precision)
     settings.update(optim)
     tel = Telemetry(1, stream=io.StringIO())
     return GKDTrainer(student=student, teacher=teacher, tokenizer=tok, train=data or examples(), output_dir=out,
@@ -176,7 +172,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tiny_models, tmp_path):
     events = [x for x in lines(part) if x["event"] == "checkpoint"]
     assert [(e["step"], e["reason"]) for e in events] == [(2, "periodic"), (3, "sigterm")]
 
-    student = load_student(tiny_models[1], ckpt, CPU, None)
+    student = load_student(tiny_models[1], ckpt, FP32, None)
     resumed = make_trainer(tiny_models, tmp_path / "b", gkd=gkd, max_steps=6, save_steps=2, student=student)
     resumed.restore(ckpt)
     outcome = resumed.train()
@@ -231,17 +227,3 @@ def test_heartbeats_while_busy():
     rows = [json.loads(x) for x in stream.getvalue().splitlines()]
     beats = [r for r in rows if r["event"] == "heartbeat"]
     assert len(beats) >= 3 and all(b["run_id"] == 9 and b["phase"] == "generating" for b in beats)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_vllm_generation_matches_backend_contract(tiny_models, tmp_path):
-    pytest.importorskip("vllm")
-    from trainers.gkd import VllmGenerator, load_tokenizer
-
-    tok = load_tokenizer(tiny_models[1])
-    student = load_causal_lm(tiny_models[1], torch.device("cuda"), trainable=True)
-    gen = VllmGenerator(tiny_models[1], seed=0, max_len=256)
-    outs = gen.generate(student, tok, [[1, 2, 3], [4, 5]], max_new_tokens=8, temperature=0.9,
-                        device=torch.device("cuda"))
-    assert len(outs) == 2 and all(0 < len(o) <= 8 for o in outs)

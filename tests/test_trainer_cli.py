@@ -65,7 +65,7 @@ def test_sigterm_then_resume_reaches_the_same_final_step(db_url, tiny_models, tm
     start_eval = next(e for e in first if e["event"] == "eval")
     assert start_eval["which"] == "start" and start_eval["n_samples"] >= 1
     step = next(e for e in first if e["event"] == "step")
-    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "time_gen_s", "time_teacher_s", "time_train_s"):
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "time_gen_s", "time_teacher_s", "time_student_s", "time_optim_s"):
         assert isinstance(step[key], float), key
     ckpt = [e for e in first if e["event"] == "checkpoint"]
     assert len(ckpt) == 1 and ckpt[0]["reason"] == "sigterm"

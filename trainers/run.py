@@ -62,6 +62,12 @@ def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
             errors.append(f"{name}: {value} is not a Hugging Face model folder (no config.json)")
         elif not local and os.environ.get("HF_HUB_OFFLINE") == "1":
             errors.append(f"{name}: {value!r} is not a local folder and HF_HUB_OFFLINE=1")
+    if not errors:  # both models are readable: they must share one token space (checked before loading)
+        from trainers.models import tokenizer_mismatch
+
+        mismatch = tokenizer_mismatch(spec.student, spec.teacher)
+        if mismatch:
+            errors.append(f"teacher: {mismatch}")
     try:
         spec.traces.resolved_db_url()
     except ValueError as exc:
@@ -120,7 +126,16 @@ def _dataset(spec: RunSpec, tel: Telemetry):
     return build.train, build.eval, meta
 
 
-def _evaluate(which: str, model, spec: RunSpec, tok, teacher, examples, judge, device, tel, stop) -> EvalReport:
+def serving_dtype(model_path: str, precision):
+    """The dtype a model is served (and so saved and evaluated) in: its config.json's, else the
+    precision's frozen dtype."""
+    from trainers.models import config_dtype
+
+    return config_dtype(model_path) or precision.frozen_dtype
+
+
+def _evaluate(which: str, model, spec: RunSpec, tok, teacher, examples, judge, device, tel, stop,
+              precision) -> EvalReport:
     from trainers.evaluate import evaluate
 
     path = spec.output_dir / "eval" / f"{which}.json"
@@ -130,6 +145,7 @@ def _evaluate(which: str, model, spec: RunSpec, tok, teacher, examples, judge, d
         max_new_tokens=spec.eval.max_new_tokens, max_prompt_tokens=max(8, spec.optim.max_length - spec.eval.max_new_tokens),
         device=device, teacher=teacher, batch_size=spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
         samples_path=spec.output_dir / "eval" / f"{which}_samples.jsonl", telemetry=tel, stop=stop,
+        precision=precision,
     )
     if stop():
         from trainers.gkd import Interrupted
@@ -167,17 +183,8 @@ def run(spec_path: str | Path, stream=None) -> int:
     try:
         import torch
 
-        from trainers.gkd import (
-            GKDTrainer,
-            Interrupted,
-            VllmGenerator,
-            final_complete,
-            latest_checkpoint,
-            load_causal_lm,
-            load_student,
-            load_tokenizer,
-            resolve_device,
-        )
+        from trainers.gkd import GKDTrainer, Interrupted, final_complete, latest_checkpoint
+        from trainers.models import Precision, load_causal_lm, load_student, load_tokenizer, resolve_device
         from trainers.judge import load_judge
 
         try:
@@ -195,21 +202,28 @@ def run(spec_path: str | Path, stream=None) -> int:
             checkpoint = (spec.output_dir / "final" if finished
                           else latest_checkpoint(spec.output_dir) if spec.resume else None)
             tok = load_tokenizer(str(checkpoint or spec.student))
-            teacher = load_causal_lm(spec.teacher, device, trainable=False)
-            student = load_student(spec.student, checkpoint, device, spec.optim.lora)
+            precision = Precision.resolve(spec.optim.precision, device)
+            teacher = load_causal_lm(spec.teacher, device, precision.frozen_dtype, trainable=False)
+            student = load_student(spec.student, checkpoint, precision, spec.optim.lora)
             vllm = None
             if spec.optim.generation_backend == "vllm":
                 if device.type != "cuda":
                     raise ValueError("optim.generation_backend 'vllm' needs CUDA")
-                vllm = VllmGenerator(str(checkpoint or spec.student), spec.optim.seed, spec.optim.max_length)
+                from trainers.vllm_backend import VllmGenerator
+
+                vllm = VllmGenerator(str(checkpoint or spec.student), seed=spec.optim.seed,
+                                     max_model_len=spec.optim.max_length,
+                                     gpu_memory_utilization=spec.optim.vllm_gpu_memory_utilization)
             start_file = spec.output_dir / "eval" / "start.json"
             if spec.resume and start_file.is_file():
                 result.eval_start = EvalReport.model_validate_json(start_file.read_text())
             elif evl:
-                result.eval_start = _evaluate("start", student, spec, tok, teacher, evl, judge, device, tel, stop)
+                result.eval_start = _evaluate("start", student, spec, tok, teacher, evl, judge, device, tel, stop,
+                                              precision)
             trainer = GKDTrainer(student=student, teacher=teacher, tokenizer=tok, train=train, gkd=spec.gkd,
                                  optim=spec.optim, output_dir=spec.output_dir, device=device, telemetry=tel,
-                                 stop=stop, vllm=vllm)
+                                 stop=stop, vllm=vllm, precision=precision,
+                                 serve_dtype=serving_dtype(spec.student, precision))
             if checkpoint is not None and not finished:
                 trainer.restore(checkpoint)
                 tel.emit("resumed", step=trainer.step, path=str(checkpoint))
@@ -218,8 +232,13 @@ def run(spec_path: str | Path, stream=None) -> int:
             result.steps = outcome.steps
             result.checkpoint = str(outcome.final_dir)
             result.train_metrics = _train_metrics(trainer)
-            if evl:
-                result.eval = _evaluate("final", student, spec, tok, teacher, evl, judge, device, tel, stop)
+            if evl:  # what is registered: final/ as saved, reloaded (the trained copy is dropped first)
+                trainer.release()
+                del student
+                registered = load_causal_lm(str(outcome.final_dir), device,
+                                            serving_dtype(str(outcome.final_dir), precision), trainable=False)
+                result.eval = _evaluate("final", registered, spec, tok, teacher, evl, judge, device, tel, stop,
+                                        precision)
                 result.baseline = spec.targets.summarize(result.eval)
             result.status = "succeeded"
             code = EXIT_OK
@@ -277,23 +296,24 @@ def eval_command(model_path: str, spec_path: str, out: str | None, stream=None) 
     try:
         from trainers.dataset import build_dataset, load_examples
         from trainers.evaluate import evaluate
-        from trainers.gkd import load_causal_lm, load_tokenizer, resolve_device
+        from trainers.models import Precision, load_causal_lm, load_tokenizer, resolve_device
 
         device = resolve_device(spec.device)
+        precision = Precision.resolve(spec.optim.precision, device)
         snapshot = spec.output_dir / "data" / "eval.jsonl"
         tel.set_phase("dataset")
         examples = load_examples(snapshot) if snapshot.is_file() else build_dataset(spec, with_train=False).eval
         tel.set_phase("loading_models")
         tok = load_tokenizer(model_path)
-        student = load_causal_lm(model_path, device, trainable=False)
-        teacher = load_causal_lm(spec.teacher, device, trainable=False)
+        student = load_causal_lm(model_path, device, serving_dtype(model_path, precision), trainable=False)
+        teacher = load_causal_lm(spec.teacher, device, precision.frozen_dtype, trainable=False)
         out_path = Path(out) if out else spec.output_dir / "eval" / f"{Path(model_path).name}.json"
         tel.set_phase("eval", n_samples=len(examples))
         report = evaluate(student, tok, examples, judge, model_name=model_path, max_new_tokens=spec.eval.max_new_tokens,
                           max_prompt_tokens=max(8, spec.optim.max_length - spec.eval.max_new_tokens), device=device,
                           teacher=teacher,
                           batch_size=spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
-                          samples_path=out_path.with_suffix(".samples.jsonl"), telemetry=tel)
+                          samples_path=out_path.with_suffix(".samples.jsonl"), telemetry=tel, precision=precision)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(report.model_dump_json(indent=2))
         tel.emit("eval", which="model", path=str(out_path), **report.model_dump(mode="json"),
