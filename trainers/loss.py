@@ -8,9 +8,12 @@ at temperature 1, summed over the vocabulary.
 ``token_divergence`` is what training and evaluation use: the same value computed by TRL's
 maintained chunked kernel (``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``: Triton on
 CUDA, torch tiles elsewhere) from both models' last hidden states and ``lm_head`` weights. Neither
-model's N x V logits are ever materialised: memory is two fp32 tiles of at most 4096 x 32768 plus
-O(N) statistics, whatever the number of completion tokens, instead of ~8 fp32 N x V tensors (at 8k
-tokens and a 152k vocabulary, ~5 GB each).
+model's N x V logits are ever materialised. With Triton (CUDA) the kernel keeps two fp32 tiles of
+at most 4096 x 32768 (1 GiB) plus O(N) statistics, whatever the number of completion tokens,
+instead of ~8 fp32 N x V tensors (at 8k tokens and a 152k vocabulary, ~5 GB each). Its torch
+fallback (CPU) makes about a dozen tile-sized temporaries, so there the tokens are fed in slices of
+``CPU_TOKEN_SLICE`` rows (~1.6 GiB at a full 32768-wide tile). The backward adds the head's fp32
+gradient (V x H), which training needs anyway.
 
 Only the first ``vocab_size`` rows of each head are used: the tokenizer's real size. A student
 and a teacher of one tokenizer can have different padded embedding sizes (Qwen2.5 1.5B/3B: 151,936;
@@ -22,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+CPU_TOKEN_SLICE = 1024  # rows per call of the kernel's torch fallback (memory ~ 12 x rows x 32768 x 4 bytes)
 import torch.nn.functional as F
 
 
@@ -78,14 +83,20 @@ def token_divergence(student_hidden: torch.Tensor, student_head: Head, teacher_h
     ``generalized_jsd(student logits, teacher logits, beta)`` on the first ``vocab_size`` logits.
     Differentiable in the student's hidden states and head; the teacher gets no gradient."""
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    from trl.kernels.chunked_logprob import _use_triton
 
-    if student_hidden.shape[0] == 0:
+    n = student_hidden.shape[0]
+    if n == 0:
         return student_hidden.new_zeros((0,), dtype=torch.float32)
     s_bias = student_head.bias[:vocab_size] if student_head.bias is not None else None
     t_bias = teacher_head.bias[:vocab_size] if teacher_head.bias is not None else None
-    divergence, _entropy = ChunkedDivergenceFunction.apply(
-        student_hidden.contiguous(), student_head.weight[:vocab_size], s_bias,
-        teacher_hidden.contiguous(), teacher_head.weight[:vocab_size], t_bias,
-        float(beta), 1.0, student_head.scale, student_head.softcap, teacher_head.scale, teacher_head.softcap,
-    )
-    return divergence
+    rows = n if _use_triton(student_hidden.device) else CPU_TOKEN_SLICE
+    parts = []
+    for lo in range(0, n, rows):
+        divergence, _entropy = ChunkedDivergenceFunction.apply(
+            student_hidden[lo: lo + rows].contiguous(), student_head.weight[:vocab_size], s_bias,
+            teacher_hidden[lo: lo + rows].contiguous(), teacher_head.weight[:vocab_size], t_bias,
+            float(beta), 1.0, student_head.scale, student_head.softcap, teacher_head.scale, teacher_head.softcap,
+        )
+        parts.append(divergence)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

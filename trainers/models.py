@@ -154,28 +154,158 @@ def hf_model(model):
     return model.get_base_model() if is_peft(model) else model
 
 
-def iter_merged_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The plain transformers state dict, one tensor at a time (cast to ``dtype`` if given); for a
-    LoRA model each adapted weight is merged in fp32 (``base + delta``) as it is yielded, so at most
-    one merged weight exists at a time. The model itself is left unmerged."""
-    base = hf_model(model)
-    merged: set[str] = set()
-    if is_peft(model):
+# --- weights, streamed: checkpoints, final/, the vLLM engine -----------------------------------
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # as TRL's _fix_param_name_to_vllm (+ compile)
+
+
+def _fix_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def _tied_targets(model) -> set[str]:
+    """State-dict names that are tied copies of another weight (``lm_head.weight`` of a tied model):
+    ``save_pretrained`` leaves them out, and so does the checkpoint vLLM loaded."""
+    return set(getattr(model, "all_tied_weights_keys", None) or ())  # transformers 5: {target: source}
+
+
+def _active_lora_adapters(module) -> list[str]:
+    if module.disable_adapters:
+        return []
+    return [a for a in module.active_adapters if a in module.lora_A and a not in module.merged_adapters]
+
+
+@torch.no_grad()
+def _merged_lora_weight(module, dtype: torch.dtype | None) -> torch.Tensor:
+    """``base + sum of deltas`` of one LoRA layer, computed in fp32 and cast to ``dtype`` (default: the base
+    weight's). The module is not modified; adapters already merged into it are not added twice."""
+    from peft.tuners.lora import layer as lora_layer
+
+    supported = tuple(c for c in (getattr(lora_layer, n, None) for n in ("Linear", "Embedding", "_ConvNd")) if c)
+    if not isinstance(module, supported):  # quantized (bnb...) and parameter LoRA layers are not
+        raise NotImplementedError(f"streaming merge of {type(module).__name__} LoRA layers is not supported")
+    base = module.get_base_layer().weight
+    adapters = _active_lora_adapters(module)
+    if module.get_base_layer().bias is None and any(getattr(module, "lora_bias", {}).get(a) for a in adapters):
+        raise ValueError("lora_bias=True on a layer without a bias cannot be merged")
+    out_dtype = dtype or base.dtype
+    if not adapters:
+        return base.detach().to(out_dtype)
+    w = base.detach().to(torch.float32, copy=True)
+    for a in adapters:
+        if a in getattr(module, "lora_variant", {}):
+            raise NotImplementedError(f"streaming merge of LoRA variants (DoRA, ...) is not supported: {a!r}")
+        if isinstance(module, lora_layer.Linear):  # B @ A in fp32 whatever the adapter dtype
+            delta = module.lora_B[a].weight.float() @ module.lora_A[a].weight.float()
+            delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[a]
+        else:
+            delta = module.get_delta_weight(a).float()
+        w += delta
+        del delta
+    out = w.to(out_dtype)
+    del w
+    return out
+
+
+@torch.no_grad()
+def _merged_lora_bias(module, dtype: torch.dtype | None) -> torch.Tensor:
+    bias = module.get_base_layer().bias
+    adapters = [a for a in _active_lora_adapters(module) if getattr(module, "lora_bias", {}).get(a, False)]
+    if not adapters:
+        return _cast(bias.detach(), dtype)
+    b = bias.detach().to(torch.float32, copy=True)
+    for a in adapters:
+        b += module.lora_B[a].bias.float() * module.scaling[a]
+    return b.to(dtype or bias.dtype)
+
+
+def _plain_weights(model, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, tensor in model.state_dict().items():  # references to the parameters, no copies
+        yield _fix_name(key), _cast(tensor, dtype)
+
+
+def _peft_weights(model, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = model.get_base_model()
+    lora, to_save = {}, {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            lora[name] = module
+        elif isinstance(module, ModulesToSaveWrapper):
+            to_save[name] = module
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            raise NotImplementedError(f"{type(module).__name__} ({name}) is not supported")
+
+    for key, tensor in base.state_dict().items():  # references, no copies
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):  # adapter weights: merged below
+            continue
+        if "base_layer" in parts:  # a LoRA layer's wrapped module
+            i = parts.index("base_layer")
+            owner, leaf = ".".join(parts[:i]), ".".join(parts[i + 1:])
+            if owner not in lora:
+                raise NotImplementedError(f"unexpected PEFT state-dict entry {key}")
+            if leaf == "weight":
+                value = _merged_lora_weight(lora[owner], dtype)
+            elif leaf == "bias":
+                value = _merged_lora_bias(lora[owner], dtype)
+            else:
+                value = _cast(tensor, dtype)
+            name = f"{owner}.{leaf}"
+        elif "original_module" in parts or "modules_to_save" in parts:  # modules_to_save: the copy in use
+            i = next(j for j, p in enumerate(parts) if p in ("original_module", "modules_to_save"))
+            owner = ".".join(parts[:i])
+            wrapper = to_save[owner]
+            active = None if wrapper.disable_adapters or not wrapper.active_adapters else wrapper.active_adapters[0]
+            active = active if active in wrapper.modules_to_save else None
+            if parts[i] == "original_module":
+                if active is not None:
+                    continue
+                leaf = ".".join(parts[i + 1:])
+            else:
+                if parts[i + 1] != active:
+                    continue
+                leaf = ".".join(parts[i + 2:])
+            name, value = f"{owner}.{leaf}", _cast(tensor, dtype)
+        else:
+            name, value = key, _cast(tensor, dtype)
+        yield _fix_name(name), value
+        del value  # drop our reference before the next merge: one merged weight alive at a time
+
+
+def iter_merged_weights(model, dtype: torch.dtype | None = None, *,
+                        skip_tied: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of the plain transformers state dict of ``model``, one at a time.
+
+    For a PEFT LoRA model each adapted weight is ``base + delta`` computed in fp32 when it is reached and cast to
+    ``dtype`` (default: the base weight's dtype); other tensors are the model's own (cast to ``dtype`` if given,
+    else not copied). Names are the plain model's state-dict keys (``.base_layer`` dropped, ``lora_*`` skipped,
+    the active ``modules_to_save`` copy under the original name). The generator keeps no reference to a yielded
+    tensor once it is resumed, so a consumer that drops each tensor holds at most one merged weight.
+    ``skip_tied``: leave out tied copies (``lm_head.weight`` of a model with tied embeddings), as the checkpoint
+    on disk does. The model is not modified (no ``merge_adapter``)."""
+    hf = hf_model(model)
+    tied = _tied_targets(hf) if skip_tied else set()
+    if tied and is_peft(model):
         from peft.tuners.lora import LoraLayer
 
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                w = module.get_base_layer().weight.detach().float()
-                for adapter in module.active_adapters:
-                    w = w + module.get_delta_weight(adapter).float()
-                merged.add(f"{name}.weight")
-                yield f"{name}.weight", w.to(dtype or module.get_base_layer().weight.dtype)
-    for key, value in base.state_dict().items():
-        if "lora_" in key:
+        adapted = {f"{n}.weight" for n, m in hf.named_modules() if isinstance(m, LoraLayer)}
+        if tied & adapted:  # the engine shares one tensor for both: which merge wins is not ours to pick
+            raise NotImplementedError(f"LoRA on tied weights ({sorted(tied & adapted)}) cannot be streamed")
+    stream = _peft_weights(model, dtype) if is_peft(model) else _plain_weights(model, dtype)
+    for name, value in stream:
+        if name in tied:
             continue
-        key = key.replace(".base_layer.", ".")
-        if key not in merged:
-            yield key, value.detach().to(dtype) if dtype is not None else value.detach()
+        yield name, value
+        del value
 
 
 def save_hf(model, tokenizer, path: Path, dtype: torch.dtype | None = None) -> None:

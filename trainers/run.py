@@ -203,10 +203,8 @@ def run(spec_path: str | Path, stream=None) -> int:
                           else latest_checkpoint(spec.output_dir) if spec.resume else None)
             tok = load_tokenizer(str(checkpoint or spec.student))
             precision = Precision.resolve(spec.optim.precision, device)
-            teacher = load_causal_lm(spec.teacher, device, precision.frozen_dtype, trainable=False)
-            student = load_student(spec.student, checkpoint, precision, spec.optim.lora)
             vllm = None
-            if spec.optim.generation_backend == "vllm":
+            if spec.optim.generation_backend == "vllm":  # first: its share of the GPU must be free when it starts
                 if device.type != "cuda":
                     raise ValueError("optim.generation_backend 'vllm' needs CUDA")
                 from trainers.vllm_backend import VllmGenerator
@@ -214,6 +212,8 @@ def run(spec_path: str | Path, stream=None) -> int:
                 vllm = VllmGenerator(str(checkpoint or spec.student), seed=spec.optim.seed,
                                      max_model_len=spec.optim.max_length,
                                      gpu_memory_utilization=spec.optim.vllm_gpu_memory_utilization)
+            teacher = load_causal_lm(spec.teacher, device, precision.frozen_dtype, trainable=False)
+            student = load_student(spec.student, checkpoint, precision, spec.optim.lora)
             start_file = spec.output_dir / "eval" / "start.json"
             if spec.resume and start_file.is_file():
                 result.eval_start = EvalReport.model_validate_json(start_file.read_text())
