@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from atlasd.runspec import EXIT_BAD_SPEC, EXIT_INTERRUPTED, EXIT_OK, EvalReport, RunResult
 from tests.traces import arithmetic_session
@@ -102,6 +103,30 @@ def test_sigterm_then_resume_reaches_the_same_final_step(db_url, tiny_models, tm
     report = EvalReport.model_validate_json(report_path.read_text())
     assert report.eval_set_hash == result.eval.eval_set_hash
     assert report.success_rate == result.eval.success_rate and report.avg_tokens == result.eval.avg_tokens
+
+
+def test_lora_run_evaluates_what_it_registers(db_url, tiny_models, tmp_path):
+    """A LoRA run's final eval scores final/ (merged in fp32, saved in the serving dtype), reloaded, in
+    eval mode: evaluating final/ again gives the result.json numbers."""
+    seed(db_url)
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path / "spec.json", tiny_models, out, optim={
+        "learning_rate": 5e-2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 6,
+        "save_steps": 100, "max_length": 128, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}})
+    done = subprocess.run([sys.executable, "-m", "trainers", "run", str(spec)], capture_output=True, text=True,
+                          env=child_env(db_url), cwd=ROOT, timeout=300)
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    result = RunResult.load(out / "result.json")
+    final = [json.loads(x) for x in done.stdout.splitlines() if '"eval"' in x][-1]
+    assert final["model"].endswith("final") and result.eval.reverse_kl is not None
+    ev = subprocess.run([sys.executable, "-m", "trainers", "eval", "--model", str(out / "final"), "--spec", str(spec),
+                         "--out", str(tmp_path / "again.json")], capture_output=True, text=True,
+                        env=child_env(db_url), cwd=ROOT, timeout=300)
+    assert ev.returncode == EXIT_OK, ev.stderr[-3000:]
+    again = EvalReport.model_validate_json((tmp_path / "again.json").read_text())
+    assert again.success_rate == pytest.approx(result.eval.success_rate, rel=0.01)
+    assert again.reverse_kl == pytest.approx(result.eval.reverse_kl, rel=0.01)
+    assert again.avg_tokens == result.eval.avg_tokens
 
 
 def test_validate_and_bad_specs(tiny_models, tmp_path):

@@ -57,14 +57,15 @@ def build_tokenizer(corpus: Iterable[str], out_dir: str | Path, vocab_size: int 
 
 def build_model(tokenizer, out_dir: str | Path, *, hidden_size: int = 32, layers: int = 2, heads: int = 2,
                 kv_heads: int = 1, intermediate_size: int | None = None, max_position_embeddings: int = 1024,
-                seed: int = 0):
-    """A randomly initialised Qwen2 causal LM over ``tokenizer``'s vocabulary, saved with it."""
+                seed: int = 0, vocab_size: int | None = None):
+    """A randomly initialised Qwen2 causal LM over ``tokenizer``'s vocabulary, saved with it.
+    ``vocab_size`` larger than the tokenizer pads the embeddings (as Qwen2.5 does)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=layers,
