@@ -7,7 +7,7 @@ is the generalised Jensen-Shannon divergence of TRL's ``generalized_jsd_loss`` (
 forward KL(teacher || student), ``beta=1``: reverse KL(student || teacher)) at temperature 1,
 over completion tokens (``trainers.loss``).
 
-What is different from stock GKD (docs/gkd.md):
+What is different from stock GKD (README, "Training"):
 - ONE batched generate call per optimizer step for all its micro-batches, with the KV cache on
   (activation checkpointing, if used for training, is switched off around generation), sampled
   with the gear's settings only (``trainers.generation``);
