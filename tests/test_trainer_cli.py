@@ -156,6 +156,21 @@ def test_validate_and_bad_specs(tiny_models, tmp_path):
     assert "hunter2" not in run.stdout + run.stderr
 
 
+def test_run_refuses_before_loading_when_the_plan_does_not_fit(tiny_models, tmp_path):
+    """A device too small for the plan: exit 2 before the dataset or any model is loaded, with the plan's
+    parts and ways out in the error."""
+    spec = write_spec(tmp_path / "spec.json", tiny_models, tmp_path / "out")
+    env = {**child_env("postgresql://u@127.0.0.1:1/nowhere"), "ATLASD_DEVICE_MEMORY_GB": "0.01"}
+    run = subprocess.run([sys.executable, "-m", "trainers", "run", str(spec)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == EXIT_BAD_SPEC
+    lines = [json.loads(x) for x in run.stdout.splitlines()]
+    assert [x["event"] for x in lines] == ["error", "done"] and lines[0]["kind"] == "bad_spec"
+    assert "Memory plan" in lines[0]["error"] and "student weights" in lines[0]["error"]
+    assert "ways out" in lines[0]["error"].lower()
+    assert not (tmp_path / "out" / "data").exists()
+
+
 def test_a_new_run_never_overwrites_checkpoints(tiny_models, tmp_path):
     from trainers.run import check_spec, load_spec
 

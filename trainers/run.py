@@ -90,6 +90,20 @@ def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def _memory_plan(spec: RunSpec, warnings: list[str]):
+    """The memory plan (``trainers.plan``); ``PlanRefused`` (a ``BadSpec``) when the run does not fit.
+    A plan that cannot be made (a hub model whose config is not in the local cache) is a warning."""
+    from trainers.plan import PlanError, PlanRefused, check_memory
+
+    try:
+        return check_memory(spec)
+    except PlanRefused:
+        raise
+    except PlanError as exc:
+        warnings.append(f"memory plan: {exc}")
+        return None
+
+
 # --- run ---------------------------------------------------------------------------------------
 class _Stop:
     def __init__(self):
@@ -165,6 +179,7 @@ def run(spec_path: str | Path, stream=None) -> int:
         errors, warnings = check_spec(spec)
         if errors:
             raise BadSpec("; ".join(errors))
+        plan = _memory_plan(spec, warnings)  # before any model loads: refused with the ways out
     except BadSpec as exc:
         tel.emit("error", kind="bad_spec", error=str(exc))
         tel.emit("done", status="failed", exit_code=EXIT_BAD_SPEC)
@@ -180,6 +195,8 @@ def run(spec_path: str | Path, stream=None) -> int:
     tel.start_heartbeat()
     tel.emit("start", policy=spec.policy, gear=spec.gear, trigger=spec.trigger, resume=spec.resume,
              config_hash=spec.config_hash(), warnings=warnings, pid=os.getpid())
+    if plan is not None:
+        tel.emit("plan", **plan.as_dict())
     try:
         import torch
 
