@@ -18,72 +18,19 @@ tokens of the step at temperature 1 (as GKD's loss).
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _data(n: int):
-    from trainers.dataset import Example
-
-    out = []
-    for i in range(n):
-        a, b = (i * 7) % 50, (i * 13) % 50
-        out.append(Example(session_id=i, seq=i,
-                           prompt=[{"role": "system", "content": f"Task: Tom has {a} apples and buys {b} more."},
-                                   {"role": "user", "content": "How many apples does Tom have?"}],
-                           completion=f"{a} + {b} = {a + b}. Final Answer: {a + b}", reference=str(a + b)))
-    return out
-
-
-class _StepTimer:
-    """A transformers callback recording the wall time at the end of each optimizer step."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class CB(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                outer.marks = [time.perf_counter()]
-
-            def on_step_end(self, args, state, control, **kw):
-                outer.marks.append(time.perf_counter())
-
-        self.callback = CB()
-        self.marks: list[float] = []
-
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
-
-
-def _quiet(trainer):
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
-
-
-def _losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+from bench.common import StepTimer, atlasd_load, atlasd_trainer, bench_data, losses, trl_distillation, trl_gkd
 
 
 def bench_atlasd(paths, data, gear, args, workdir):
     import torch
 
     from atlasd.runspec import OptimSettings
-    from trainers.gkd import GKDTrainer, load_causal_lm, load_tokenizer
-    from trainers.telemetry import Telemetry
 
     teacher_path, student_path = paths
     torch.manual_seed(args.seed)
@@ -92,64 +39,42 @@ def bench_atlasd(paths, data, gear, args, workdir):
     optim = OptimSettings(learning_rate=args.lr, per_device_train_batch_size=gear.optim.per_device_train_batch_size,
                           gradient_accumulation_steps=gear.optim.gradient_accumulation_steps, max_steps=args.steps,
                           max_length=1024, save_steps=10_000, seed=args.seed, lr_scheduler_type="linear")
-    tel = Telemetry(0, stream=io.StringIO())
-    trainer = GKDTrainer(student=load_causal_lm(student_path, cpu, trainable=True),
-                         teacher=load_causal_lm(teacher_path, cpu, trainable=False),
-                         tokenizer=load_tokenizer(student_path), train=data, gkd=gkd, optim=optim,
-                         output_dir=workdir / "atlasd", device=cpu, telemetry=tel)
-    times, losses = [], []
+    student, teacher, tok = atlasd_load(teacher_path, student_path, optim, cpu)
+    trainer = atlasd_trainer(student, teacher, tok, data, gkd=gkd, optim=optim, output_dir=workdir / "atlasd",
+                             device=cpu)
+    times, losses_ = [], []
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         row = trainer.train_step(step)
         times.append(time.perf_counter() - t0)
-        losses.append(row["loss"])
-    return times, losses
+        losses_.append(row["loss"])
+    return times, losses_
 
 
 def bench_trl_gkd(paths, data, gear, args, workdir):
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     teacher_path, student_path = paths
-    cfg = GKDConfig(
-        output_dir=str(workdir / "trl_gkd"), per_device_train_batch_size=gear.optim.per_device_train_batch_size,
-        gradient_accumulation_steps=gear.optim.gradient_accumulation_steps, max_steps=args.steps,
-        learning_rate=args.lr, lmbda=1.0, beta=gear.gkd.beta, temperature=gear.gkd.temperature,
-        max_new_tokens=gear.gkd.max_new_tokens, bf16=False, use_cpu=True, logging_steps=1, report_to=[],
-        save_strategy="no", seed=args.seed, disable_tqdm=True,
-    )
-    ds = Dataset.from_list([{"messages": [*e.prompt, {"role": "assistant", "content": e.completion}]} for e in data])
-    timer = _StepTimer()
-    trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(student_path),
-                         teacher_model=AutoModelForCausalLM.from_pretrained(teacher_path), args=cfg,
-                         train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(student_path),
-                         callbacks=[timer.callback])
-    _quiet(trainer).train()
-    return timer.step_times(), _losses(trainer)
+    timer = StepTimer()
+    trainer = trl_gkd(AutoModelForCausalLM.from_pretrained(student_path),
+                      AutoModelForCausalLM.from_pretrained(teacher_path), AutoTokenizer.from_pretrained(student_path),
+                      data, gear, steps=args.steps, lr=args.lr, seed=args.seed, output_dir=workdir / "trl_gkd",
+                      callbacks=[timer.callback])
+    trainer.train()
+    return timer.step_times(), losses(trainer)
 
 
 def bench_trl_distillation(paths, data, gear, args, workdir):
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DistillationConfig, DistillationTrainer
 
     teacher_path, student_path = paths
-    cfg = DistillationConfig(
-        output_dir=str(workdir / "trl_distill"), per_device_train_batch_size=gear.optim.per_device_train_batch_size,
-        gradient_accumulation_steps=gear.optim.gradient_accumulation_steps, max_steps=args.steps,
-        learning_rate=args.lr, beta=gear.gkd.beta, temperature=gear.gkd.temperature,
-        max_completion_length=gear.gkd.max_new_tokens, bf16=False, use_cpu=True, logging_steps=1, report_to=[],
-        save_strategy="no", seed=args.seed, disable_tqdm=True,
-    )
-    ds = Dataset.from_list([{"prompt": e.prompt} for e in data])
-    timer = _StepTimer()
-    trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_path),
-                                  teacher_model=AutoModelForCausalLM.from_pretrained(teacher_path), args=cfg,
-                                  train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(student_path),
-                                  callbacks=[timer.callback])
-    _quiet(trainer).train()
-    return timer.step_times(), _losses(trainer)
+    timer = StepTimer()
+    trainer = trl_distillation(AutoModelForCausalLM.from_pretrained(student_path),
+                               AutoModelForCausalLM.from_pretrained(teacher_path),
+                               AutoTokenizer.from_pretrained(student_path), data, gear, steps=args.steps, lr=args.lr,
+                               seed=args.seed, output_dir=workdir / "trl_distill", callbacks=[timer.callback])
+    trainer.train()
+    return timer.step_times(), losses(trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="atlasd-bench-") as tmp:
         workdir = Path(tmp)
         paths = build_tiny_pair(workdir / "models")
-        data = _data(64)
+        data = bench_data(64)
         results = {}
         for name, fn in runs.items():
             if args.only and name not in args.only:
