@@ -80,3 +80,16 @@ def test_padded_vocabulary_rows_are_never_sampled(tiny_models):
     assert all(t == n - 1 for row in _sample(model, free) for t in row)
     limited = Sampling(max_new_tokens=6, temperature=1.0, stop_ids=(), pad_id=tok.pad_token_id, vocab_size=n - 1)
     assert all(t < n - 1 for row in _sample(model, limited) for t in row)
+
+
+def test_checkpointing_switches_the_real_mechanism(tiny_models):
+    """set_checkpointing uses activation_checkpointing_* where transformers has it (>= 5.19) and
+    gradient_checkpointing_* otherwise (5.17/5.18, a stock CUDA image; not installed here, and in
+    5.19+ the old names call the new ones, so only the new path runs in this test)."""
+    from trainers.generation import checkpointing, set_checkpointing
+
+    model = load_causal_lm(tiny_models[1], CPU, torch.float32, trainable=True)
+    set_checkpointing(model, True)
+    assert checkpointing(model) and model.model.gradient_checkpointing
+    set_checkpointing(model, False)
+    assert not checkpointing(model) and not model.model.gradient_checkpointing
