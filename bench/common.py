@@ -8,7 +8,6 @@ package (trl on a bare GPU image) surfaces as the failure of the engine that nee
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import time
@@ -198,11 +197,9 @@ def trl_distillation(student, teacher, tokenizer, data, gear, *, steps: int, lr:
 
 # --- atlasd --------------------------------------------------------------------------------------
 def atlasd_precision(optim, device):
-    """``trainers.models.Precision`` for these settings (None with a trainer that predates it)."""
-    try:
-        from trainers.models import Precision
-    except ImportError:
-        return None
+    """``trainers.models.Precision`` for these settings."""
+    from trainers.models import Precision
+
     return Precision.resolve(optim.precision, device)
 
 
@@ -211,48 +208,30 @@ def atlasd_dtypes(optim, device):
     master weights; frozen weights are bf16 on CUDA (``optim.precision`` auto)."""
     import torch
 
-    precision = atlasd_precision(optim, device)
-    if precision is not None:
-        return torch.float32, precision.frozen_dtype
-    from trainers.gkd import model_dtype  # the trainer before trainers.models
-
-    return model_dtype(device), model_dtype(device)
+    return torch.float32, atlasd_precision(optim, device).frozen_dtype
 
 
 def atlasd_tokenizer(path):
-    try:
-        from trainers.models import load_tokenizer
-    except ImportError:
-        from trainers.gkd import load_tokenizer
+    from trainers.models import load_tokenizer
+
     return load_tokenizer(str(path))
 
 
 def atlasd_load(teacher_path, student_path, optim, device):
     """(student, teacher, tokenizer) loaded from folders the way ``trainers.run`` loads them."""
+    from trainers.models import load_causal_lm, load_student
+
     precision = atlasd_precision(optim, device)
-    if precision is not None:
-        from trainers.models import load_causal_lm, load_student
-
-        student = load_student(str(student_path), None, precision, None)
-        teacher = load_causal_lm(str(teacher_path), device, precision.frozen_dtype, trainable=False)
-    else:
-        from trainers.gkd import load_causal_lm
-
-        student = load_causal_lm(str(student_path), device, trainable=True)
-        teacher = load_causal_lm(str(teacher_path), device, trainable=False)
+    student = load_student(str(student_path), None, precision, None)
+    teacher = load_causal_lm(str(teacher_path), device, precision.frozen_dtype, trainable=False)
     return student, teacher, atlasd_tokenizer(student_path)
 
 
 def atlasd_trainer(student, teacher, tokenizer, data, *, gkd, optim, output_dir: Path, device):
-    """``trainers.gkd.GKDTrainer`` over model objects (the keyword arguments its signature takes)."""
+    """``trainers.gkd.GKDTrainer`` over model objects."""
     from trainers.gkd import GKDTrainer
     from trainers.telemetry import Telemetry
 
-    kwargs = dict(student=student, teacher=teacher, tokenizer=tokenizer, train=data, gkd=gkd, optim=optim,
-                  output_dir=output_dir, device=device, telemetry=Telemetry(0, stream=io.StringIO()))
-    params = inspect.signature(GKDTrainer).parameters
-    if "precision" in params:
-        kwargs["precision"] = atlasd_precision(optim, device)
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return GKDTrainer(**kwargs)
+    return GKDTrainer(student=student, teacher=teacher, tokenizer=tokenizer, train=data, gkd=gkd, optim=optim,
+                      output_dir=output_dir, device=device, telemetry=Telemetry(0, stream=io.StringIO()),
+                      precision=atlasd_precision(optim, device))

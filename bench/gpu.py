@@ -373,18 +373,12 @@ def run_atlasd(ctx: Ctx, res: Result, clock: Clock) -> None:
     # the trainer resets the CUDA peak statistics at the start of every step: its rows hold the per-step peaks
     peaks = [r["peak_memory_gb"] for r in res.trainer_rows if isinstance(r.get("peak_memory_gb"), int | float)]
     res.trainer_peak_memory_gib = max(peaks) if peaks else None
-    if not any("time_student_s" in r for r in res.trainer_rows):
-        res.notes.append("step rows lack time_student_s/time_optim_s: student = time_train_s, optimizer n/a")
     del trainer
 
 
 def atlasd_split(row: dict) -> dict[str, float]:
-    out = {"gen": row.get("time_gen_s"), "teacher": row.get("time_teacher_s")}
-    if "time_student_s" in row:
-        out["student"] = row["time_student_s"]
-        out["optim"] = row.get("time_optim_s")
-    elif "time_train_s" in row:  # the trainer before the split: forward+backward+optimizer in one
-        out["student"] = row["time_train_s"]
+    out = {"gen": row["time_gen_s"], "teacher": row["time_teacher_s"], "student": row["time_student_s"],
+           "optim": row["time_optim_s"]}
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
 
 
@@ -513,11 +507,9 @@ def _reset_compiled() -> None:
 def memory_plan(ctx: Ctx, student_dir: Path, teacher_dir: Path) -> tuple[float | None, str, bool | None]:
     """atlasd's memory plan for this run: (bytes, or None and why not; its "fits" verdict)."""
     try:
-        from trainers.plan import build_plan
-    except ImportError as exc:
-        return None, f"trainers.plan: {exc}", None
-    try:
         import torch
+
+        from trainers.plan import build_plan
 
         from atlasd.runspec import RunSpec, TraceSelection
 
@@ -530,7 +522,7 @@ def memory_plan(ctx: Ctx, student_dir: Path, teacher_dir: Path) -> tuple[float |
         if ctx.cuda:
             kwargs["device_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
         plan = build_plan(spec, **kwargs)
-        return float(plan.total_bytes), "trainers.plan.build_plan", getattr(plan, "fits", None)
+        return float(plan.total_bytes), "trainers.plan.build_plan", plan.fits
     except Exception as exc:  # noqa: BLE001
         return None, f"{type(exc).__name__}: {str(exc)[:200]}", None
 
