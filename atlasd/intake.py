@@ -28,17 +28,23 @@ from psycopg import sql
 
 READY = "s.review_status = 'approved' AND s.status = 'succeeded'"
 
-# Why a ready session cannot be trained on; NULL when it is usable. CASE evaluates in order, so
-# the numeric casts only ever see JSON numbers (a huge number cannot overflow float8 either).
+# Why a ready session cannot be trained on; NULL when it is usable. No session may fail the
+# insert (that would fail its whole batch, every time): CASE evaluates in order, so the numeric
+# cast only ever sees JSON numbers (numeric: any size), and what reaches the float8 column is 0 or
+# a normal double in [0, 1] (1e-400 would underflow, 1e400 overflow); the learning key stays far
+# below the btree row limit of intake_key_seq_idx (2704 bytes).
 _MALFORMED = """CASE
     WHEN s.metadata IS NULL OR jsonb_typeof(s.metadata) <> 'object' THEN 'metadata is not a JSON object'
     WHEN jsonb_typeof(s.metadata -> 'learning_key') IS DISTINCT FROM 'string'
         THEN 'metadata.learning_key is missing or not a string'
+    WHEN octet_length(s.metadata ->> 'learning_key') > 1000 THEN 'metadata.learning_key is over 1000 bytes'
     WHEN s.reward_stats IS NULL OR jsonb_typeof(s.reward_stats) <> 'object'
         THEN 'reward_stats is missing or not a JSON object'
     WHEN jsonb_typeof(s.reward_stats -> 'score') IS DISTINCT FROM 'number'
         THEN 'reward_stats.score is missing or not a JSON number'
     WHEN NOT ((s.reward_stats -> 'score')::numeric BETWEEN 0 AND 1) THEN 'reward_stats.score is outside [0, 1]'
+    WHEN (s.reward_stats -> 'score')::numeric > 0 AND (s.reward_stats -> 'score')::numeric < 2.2250738585072014e-308
+        THEN 'reward_stats.score is too small for a double (0 < score < 2.2e-308)'
 END"""
 
 _INSERT = sql.SQL(

@@ -9,11 +9,15 @@ documented in ``policies/README.md``.
 
 Loading never raises on bad input: :func:`load_policy_file` raises :class:`PolicyFileError`
 carrying every :class:`PolicyIssue` (file, line, field path, reason), and :class:`PolicySet`
-keeps the previous version of a policy whose file stopped validating.
+keeps the previous version of a policy whose file stopped validating. Poison files cost little:
+a file over :data:`MAX_POLICY_BYTES` is refused unread, binary content (control characters, not
+UTF-8) is refused before parsing, and YAML whose aliases expand past :data:`MAX_POLICY_NODES`
+values (a "billion laughs" bomb) or into a cycle is refused before any Python object is built.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -27,6 +31,8 @@ from apscheduler.triggers.cron import CronTrigger
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError, model_validator
 
 from atlasd.runspec import (
+    MAX_SESSION_BYTES,
+    MAX_SESSION_BYTES_LIMIT,
     EvalSpec,
     GKDSettings,
     MlflowTarget,
@@ -37,7 +43,11 @@ from atlasd.runspec import (
     _Strict,
 )
 
-MAX_POLICY_BYTES = 1 << 20  # a policy is a page of YAML; anything over 1 MiB is refused unread
+# A policy is a page of YAML (the shipped ones are under 5 KB, about 130 values). Pure-Python
+# PyYAML needs about 10 s per MiB of pathological YAML, so the caps keep a load well under a second.
+MAX_POLICY_BYTES = 64 << 10  # refused unread above this
+MAX_POLICY_NODES = 10_000  # values (mappings, lists, scalars) once aliases are expanded
+MAX_DURATION = timedelta(days=3650)  # any later datetime arithmetic stays in range
 POLICY_SUFFIXES = (".yaml", ".yml")
 CRON_PRIORITY = 10  # high-quality (cron) runs are claimed before queued batch runs
 BATCH_PRIORITY = 0
@@ -50,16 +60,23 @@ _DOW_NAMES = re.compile(r"^(\*|[a-z]{3}(-[a-z]{3})?(/\d+)?)(,[a-z]{3}(-[a-z]{3})
 
 
 def parse_duration(value: Any) -> Any:
-    """``90`` / ``90.5`` (seconds), ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"``, ``"1w"``, ``"1h30m"``."""
+    """``90`` / ``90.5`` (seconds), ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"``, ``"1w"``, ``"1h30m"``;
+    at most :data:`MAX_DURATION` either way (``.inf`` or ``1e12w`` is a ValueError, not an overflow)."""
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like 30m, 2h, 1d, 1h30m")
     if isinstance(value, (int, float)):
-        return timedelta(seconds=value)
+        return _seconds(value)
     if isinstance(value, str) and _DURATION.match(value.strip()):
-        return timedelta(seconds=sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(value)))
+        return _seconds(sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(value)))
     if isinstance(value, timedelta):
         return value
     raise ValueError(f"invalid duration {value!r}: use seconds or a string like 30m, 2h, 1d, 1h30m")
+
+
+def _seconds(value: float) -> timedelta:
+    if not math.isfinite(value) or abs(value) > MAX_DURATION.total_seconds():
+        raise ValueError(f"a duration is at most {MAX_DURATION.days} days")
+    return timedelta(seconds=value)
 
 
 def _positive(value: timedelta) -> timedelta:
@@ -140,8 +157,12 @@ class Filters(_Strict):
     """Which recorded traces count toward a gear and go into its runs. Defaults: the fast gear."""
 
     min_reward: float = Field(0.8, ge=0, le=1, description="Minimum session reward (reward_stats.score).")
-    max_age_days: float | None = Field(None, gt=0, description="Ignore sessions created longer ago than this.")
+    max_age_days: float | None = Field(
+        None, gt=0, le=36_500, description="Ignore sessions created longer ago than this (at most 100 years).")
     rehearsal_fraction: float = Field(0.1, ge=0, lt=1, description="Share of older approved traces mixed in.")
+    max_session_bytes: int = Field(
+        MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
+        description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
 
 
 class Gear(_Strict):
@@ -215,6 +236,7 @@ class Policy(_Strict):
                 window_hi=window_hi,
                 rehearsal_fraction=g.filters.rehearsal_fraction,
                 rehearsal_seed=window_hi,
+                max_session_bytes=g.filters.max_session_bytes,
             ),
             gkd=g.gkd,
             optim=g.optim,
@@ -252,19 +274,84 @@ class PolicyFileError(ValueError):
 
 
 def _compose(text: str, file: str) -> tuple[Any, yaml.Node | None]:
-    loader = yaml.SafeLoader(text)
+    """The document's Python data and node tree; any failure is a :class:`PolicyFileError`.
+    Aliases stay shared nodes until :func:`_check_expansion` has bounded what they expand to."""
+
+    def refuse(reason: str, line: int | None = None) -> PolicyFileError:
+        return PolicyFileError(file, [PolicyIssue(file, "", reason, line)])
+
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters (NUL, ...) at once
         node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, file)
         data = loader.construct_document(node) if node is not None else None
+    except PolicyFileError:  # from _check_expansion
+        raise
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise refuse(f"not a text file: unprintable character U+{exc.character:04X}", line) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         reason = " ".join(str(p) for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        raise PolicyFileError(file, [PolicyIssue(file, "", f"invalid YAML: {reason}", mark.line + 1 if mark else None)])
+        raise refuse(f"invalid YAML: {reason}", mark.line + 1 if mark else None) from None
     except yaml.YAMLError as exc:
-        raise PolicyFileError(file, [PolicyIssue(file, "", f"invalid YAML: {exc}")])
+        raise refuse(f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise refuse("invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # SafeConstructor: a date like 2001-13-45, an integer of over 4300 digits
+        raise refuse(f"invalid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, node
+
+
+def _check_expansion(root: yaml.Node, file: str) -> None:
+    """Refuse a document whose aliases expand past :data:`MAX_POLICY_NODES` values or refer to a
+    node that contains them, before anything is constructed. Each distinct node is visited once
+    (the sizes are memoised), so a 700-byte "billion laughs" costs its few dozen nodes."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise PolicyFileError(file, [PolicyIssue(
+                file, "", "invalid YAML: an alias refers to a node that contains it", node.start_mark.line + 1)])
+        open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total = min(total + size(child), MAX_POLICY_NODES + 1)
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    if size(root) > MAX_POLICY_NODES:
+        raise PolicyFileError(file, [PolicyIssue(
+            file, "", f"the YAML expands to over {MAX_POLICY_NODES} values (aliases repeat their anchor's "
+            "content); a policy is a page of YAML")])
+
+
+def _nul_strings(data: Any, file: str, node: yaml.Node, loc: tuple = ()) -> list[PolicyIssue]:
+    """Strings holding NUL (YAML's ``"\\0"``): neither a file path nor a PostgreSQL text can carry one."""
+    if isinstance(data, str):
+        return [PolicyIssue(file, _dotted(loc), "contains a NUL character", _line_of(node, loc))] if "\0" in data else []
+    if isinstance(data, dict):
+        return [i for k, v in data.items()
+                for i in _nul_strings(k, file, node, loc) + _nul_strings(v, file, node, loc + (k,))]
+    if isinstance(data, list):
+        return [i for n, v in enumerate(data) for i in _nul_strings(v, file, node, loc + (n,))]
+    return []
 
 
 def _duplicate_keys(node: yaml.Node, file: str, path: tuple = ()) -> list[PolicyIssue]:
@@ -366,14 +453,18 @@ def parse_policy(text: str, *, file: str, stem: str, base_dir: Path | None = Non
             type(data), "null" if data is None else type(data).__name__
         )
         raise PolicyFileError(file, [PolicyIssue(file, "", f"a policy is a YAML mapping, got {kind}", 1)])
-    issues = _duplicate_keys(node, file)
+    issues = _duplicate_keys(node, file) or _nul_strings(data, file, node)
     if issues:
         raise PolicyFileError(file, issues)
     data = dict(data)
     data.setdefault("name", stem)
     for key in ("teacher", "student"):
         if isinstance(data.get(key), str):
-            data[key] = _resolve_model_path(data[key], base_dir)
+            try:
+                data[key] = _resolve_model_path(data[key], base_dir)
+            except RuntimeError as exc:  # "~nosuchuser/model": no such home directory
+                issue = PolicyIssue(file, key, f"cannot expand {data[key]!r}: {exc}", _line_of(node, (key,)))
+                raise PolicyFileError(file, [issue]) from None
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
@@ -397,7 +488,8 @@ def load_policy_file(path: str | Path) -> Policy:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyFileError(file, [PolicyIssue(file, "", f"not UTF-8 text (byte {exc.start})")]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PolicyFileError(file, [PolicyIssue(file, "", f"not UTF-8 text (byte {exc.start})", line)]) from None
     return parse_policy(text, file=file, stem=path.stem, base_dir=path.parent)
 
 
@@ -475,13 +567,18 @@ class PolicySet:
     def reload(self) -> ReloadReport:
         report = ReloadReport()
         before = self.policies
-        if not self.directory.is_dir():
-            issue = PolicyIssue(str(self.directory), "", "policies folder does not exist; keeping the loaded policies")
+        files, problem = None, "policies folder does not exist"
+        try:
+            if self.directory.is_dir():
+                files = policy_files(self.directory)
+        except OSError as exc:  # a folder this user may not read
+            problem = f"cannot read the policies folder: {exc.strerror or exc}"
+        if files is None:
+            issue = PolicyIssue(str(self.directory), "", f"{problem}; keeping the loaded policies")
             self.errors = {self.directory: [issue]}
             report.errors[str(self.directory)] = [issue]
             report.kept_previous = sorted(before)
             return report
-        files = policy_files(self.directory)
         loaded = load_files(files)
         new_by_file = dict(loaded.policies)
         for path in loaded.errors:

@@ -27,6 +27,12 @@ EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
 EXIT_INTERRUPTED = 75  # SIGTERM: checkpoint saved, resumable (EX_TEMPFAIL)
 
+# A session's text for the trainer (task, final answer, plan, steps, guidance, events) above this
+# is skipped unread (trainers/dataset.py). PostgreSQL caps a jsonb array at 256 MB, so the
+# configurable cap stays well below that.
+MAX_SESSION_BYTES = 8 << 20
+MAX_SESSION_BYTES_LIMIT = 64 << 20
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -137,11 +143,14 @@ class TraceSelection(_Strict):
     db_url: str | None = Field(None, description="Atlas DB URL; default $ATLASD_DB_URL. Never logged.")
     learning_key: str | None = Field(None, description="Only sessions of this task family; None: all.")
     min_reward: float = Field(0.8, ge=0, le=1)
-    max_age_days: float | None = Field(None, gt=0)
+    max_age_days: float | None = Field(None, gt=0, le=36_500)
     window_lo: int = Field(0, ge=0, description="Intake seq range (lo, hi] of new traces.")
     window_hi: int = Field(..., ge=0)
     rehearsal_fraction: float = Field(0.1, ge=0, lt=1, description="Share of older approved traces mixed in.")
     rehearsal_seed: int = 0
+    max_session_bytes: int = Field(
+        MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
+        description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
 
     @model_validator(mode="after")
     def _window(self) -> TraceSelection:

@@ -1,8 +1,12 @@
 """Dataset building from SDK-shaped rows in a real PostgreSQL: conversations, filters and skip
-reasons, rehearsal, and the frozen eval split."""
+reasons, rehearsal, the frozen eval split, poison rows (oversized sessions, scores no float can
+hold) and prompt truncation in O(log n) tokenizations."""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
 from pathlib import Path
 
 import psycopg
@@ -11,6 +15,9 @@ import pytest
 from atlasd.runspec import RunSpec
 from tests.traces import add_session, arithmetic_session, event
 from trainers.dataset import (
+    _SESSIONS,
+    _WINDOW_SEL,
+    _params,
     build_dataset,
     encode_prompt,
     eval_set_hash,
@@ -162,3 +169,168 @@ def test_snapshot_roundtrip(tmp_path: Path):
     ex = [Example(1, 2, [{"role": "system", "content": "Task: é"}], "c", "r", "rehearsal")]
     save_examples(ex, tmp_path / "d" / "train.jsonl")
     assert load_examples(tmp_path / "d" / "train.jsonl") == ex
+
+
+def noise(n: int, seed: object) -> str:
+    """``n`` characters of hex that do not compress."""
+    return "".join(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest() for i in range(n // 64 + 1))[:n]
+
+
+def test_oversized_sessions_are_skipped_unread(db_url):
+    cap = 20_000
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        def big(kind: str, n: int) -> int:
+            if kind == "events":  # many events, each small: their sum is over the cap
+                evs = [event("student", "q", key="input")] + [event("teacher", noise(6_000, (n, i))) for i in range(4)]
+                return add_session(conn, task=f"big {n}", final_answer="1", events=evs)
+            if kind == "compressible":  # stored compressed far below the cap, 1 MB as text
+                return add_session(conn, task=f"big {n}", final_answer="1", events=[event("teacher", "a" * 1_000_000)])
+            if kind == "stored":  # stored over the cap: measured without being decompressed
+                return add_session(conn, task=f"big {n}", final_answer="1", events=[event("teacher", noise(60_000, n))])
+            return add_session(conn, task=f"big {n}", final_answer="1",  # steps and guidance count too
+                               steps=[{"step_id": 1, "output": noise(15_000, n)}], guidance=[(1, noise(6_000, -n))])
+
+        old = [big(kind, n) for n, kind in enumerate(["events", "compressible", "stored", "steps"])]
+        window = [arithmetic_session(conn, i, 1) for i in range(3)]
+        window += [big(kind, 10 + n) for n, kind in enumerate(["events", "compressible", "stored", "steps"])]
+    everything = [sid for sid, _ in old + window]
+    fine = [sid for sid, _ in window[:3]]
+    assert not any(in_eval_split("math", sid, 0.01) for sid in everything)  # ids 1..11: none in the 1 % split
+
+    spec = make_spec(db_url, window_lo=old[-1][1], rehearsal_fraction=0.5, rehearsal_seed=1, max_session_bytes=cap)
+    build = build_dataset(spec)
+    assert [e.session_id for e in build.train] == fine and build.n_rehearsal == 0
+    assert build.skipped == {"oversized": 4 + rehearsal_size(3, 0.5)}  # the window's 4, 3 of the old 4 sampled
+    with psycopg.connect(db_url) as conn:  # what the trainer receives for them: the reason, no content
+        rows = conn.execute(_SESSIONS.format(sel=_WINDOW_SEL), _params(spec)).fetchall()
+    skipped_rows = [r for r in rows if r[2] == "oversized"]
+    assert len(skipped_rows) == 4 and all(v is None for r in skipped_rows for v in r[3:])
+    assert build_dataset(make_spec(db_url, window_lo=old[-1][1])).skipped == {}  # under the default 8 MiB cap
+
+    # in the frozen eval set: skipped and counted, the rest of the set stays
+    in_split = [sid for sid in everything if in_eval_split("math", sid, 0.5)]
+    assert set(in_split) - set(fine)  # the split holds oversized sessions
+    build = build_dataset(make_spec(db_url, max_session_bytes=cap, eval={"eval_fraction": 0.5, "max_samples": 100}))
+    assert [e.session_id for e in build.eval] == [sid for sid in in_split if sid in fine]
+    assert build.skipped == {"oversized": 8}  # each of the 8 once: from the window or from the eval set
+
+
+def test_default_cap_skips_a_session_over_8_mib(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        good, _ = arithmetic_session(conn, 1, 1)
+        huge, _ = add_session(conn, task="huge", final_answer="1",
+                              events=[event("teacher", "x" * (4 << 20)), event("teacher", "y" * (4 << 20))])
+    build = build_dataset(make_spec(db_url))
+    assert [e.session_id for e in build.train] == [good] and build.skipped == {"oversized": 1}
+
+
+SCORES = ['{"score": 1e-400}', '{"score": "high"}', '{"score": 1e-330}', '[0.9]', '"0.9"', '{"score": 1e400}']
+
+
+def test_scores_no_float_can_hold_never_fail_the_build(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # the stand-in SDK schema indexes the score as float8; the SDK's own schema does not
+        conn.execute("DROP INDEX sessions_reward_score_idx")
+        rescored, malformed = [], []
+        for n, raw in enumerate(SCORES):
+            sid, _ = arithmetic_session(conn, n, 1)  # recorded usable; the SDK rescored it afterwards
+            conn.execute("UPDATE sessions SET reward_stats = %s::jsonb WHERE id = %s", [raw, sid])
+            rescored.append(sid)
+            sid, _ = arithmetic_session(conn, n, 2, malformed="reward_stats.score is outside [0, 1]")
+            conn.execute("UPDATE sessions SET reward_stats = %s::jsonb WHERE id = %s", [raw, sid])
+            malformed.append(sid)
+        window_rows = [arithmetic_session(conn, n, 3) for n in range(4)]
+    window = [sid for sid, _ in window_rows]
+    # every set reads them: the window, the rehearsal sample of the older rows, the eval split
+    usable = window + [rescored[-1]]  # 1e400 passes min_reward: only the intake classifies ranges
+    spec = make_spec(db_url, window_lo=window_rows[0][1] - 1, rehearsal_fraction=0.5, eval={"eval_fraction": 0.3})
+    in_split = {sid for sid in rescored + malformed + window if in_eval_split("math", sid, 0.3)}
+    assert in_split & set(rescored + malformed)  # the split holds some of them
+    build = build_dataset(spec)
+    assert {e.session_id for e in build.train if e.source == "rehearsal"} == {rescored[-1]} - in_split
+    assert [e.session_id for e in build.eval] == sorted(set(usable) & in_split)
+    build = build_dataset(make_spec(db_url))
+    assert {e.session_id for e in build.train} == set(usable)
+    assert build.skipped == {"low_reward": 5, "malformed": 6}
+
+
+def quadratic_encode_prompt(tokenizer, messages, max_tokens):
+    """encode_prompt as it was: one re-tokenization of the whole conversation per dropped turn."""
+
+    def ids_of(msgs):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = ids_of(messages)
+    if len(ids) <= max_tokens:
+        return ids, False
+    msgs = list(messages)
+    first = 1 if msgs and msgs[0]["role"] == "system" else 0
+    while len(ids) > max_tokens and len(msgs) - first > 1:
+        del msgs[first]
+        ids = ids_of(msgs)
+    if len(ids) > max_tokens:
+        head = max_tokens // 2
+        ids = ids[:head] + ids[len(ids) - (max_tokens - head):]
+    return ids, True
+
+
+class CountingTokenizer:
+    """The tokenizer, counting tokenizations and the tokens they produced."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls, self.tokens = tokenizer, 0, 0
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, text, **kwargs):
+        out = self.tokenizer(text, **kwargs)
+        self.calls += 1
+        self.tokens += len(out["input_ids"])
+        return out
+
+
+def turns(n: int, system: bool = True, words: int = 12) -> list[dict[str, str]]:
+    head = [{"role": "system", "content": "Task: keep me"}] if system else []
+    return head + [{"role": "user" if i % 2 else "assistant", "content": f"turn {i} " + "word " * (words + i % 5)}
+                   for i in range(n)]
+
+
+def test_prompt_truncation_matches_dropping_turns_one_by_one(tiny_models):
+    from trainers.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_models[1])
+    checked = 0
+    for system in (True, False):
+        for n in (1, 2, 3, 5, 8, 13):
+            messages = turns(n, system)
+            full = len(encode_prompt(tok, messages, 10**6)[0])
+            for max_tokens in sorted({*range(4, full + 3, max(1, full // 25)), full - 1, full}):
+                assert encode_prompt(tok, messages, max_tokens) == quadratic_encode_prompt(tok, messages, max_tokens), \
+                    (system, n, max_tokens)
+                checked += 1
+    assert checked > 250
+
+
+def test_prompt_truncation_of_2000_turns_takes_log_n_tokenizations(tiny_models):
+    from trainers.models import load_tokenizer
+
+    tok = CountingTokenizer(load_tokenizer(tiny_models[1]))
+    messages = turns(2000)
+    start = time.monotonic()
+    ids, cut = encode_prompt(tok, messages, 2048)
+    elapsed = time.monotonic() - start
+    full = len(tok.tokenizer(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"])
+    assert cut and len(ids) <= 2048
+    assert tok.calls <= 2 + math.ceil(math.log2(2000))  # the whole session once, then a binary search
+    assert tok.tokens <= 3 * full  # the searched prompts shrink geometrically: not 2,000 whole sessions
+    text = tok.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nTask: keep me") and "turn 1999 " in text
+    assert text.endswith("<|im_start|>assistant\n")
+    # the fewest dropped turns: one more kept turn would not fit
+    kept = text.count("<|im_start|>") - 2
+    longer = [messages[0]] + messages[len(messages) - kept - 1:]
+    assert len(encode_prompt(tok.tokenizer, longer, 10**6)[0]) > 2048
+    assert elapsed < 30

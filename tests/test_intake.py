@@ -1,5 +1,6 @@
-"""The intake reconciler against real Postgres: readiness, idempotence, batches, malformed rows,
-un-approval; and `atlasd status --json` on what it recorded."""
+"""The intake reconciler against real Postgres: readiness, idempotence, batches, malformed rows
+(poison values that must never fail a batch included), un-approval; and `atlasd status --json` on
+what it recorded."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from atlasd import intake
 from atlasd.cli import main
+from tests.traces import arithmetic_session
 
 VALID_META = '{"learning_key": "math", "agent": "demo"}'
 VALID_REWARD = '{"score": 0.75, "sample_count": 2}'
@@ -181,3 +183,51 @@ def test_status_json_counts_the_intake(db_url: str, tmp_path, monkeypatch, capsy
     assert main(["status"]) == 0
     table = capsys.readouterr().out
     assert "by_learning_key:" in table and "backlog" in table
+
+
+# reward_stats / learning keys that once failed the whole batch (and so every later one), as raw JSON
+TOO_SMALL = "reward_stats.score is too small for a double (0 < score < 2.2e-308)"
+POISON = {
+    '{"score": 1e-400}': TOO_SMALL,
+    '{"score": 0.' + "0" * 330 + '1}': TOO_SMALL,
+    '{"score": 5e-324}': TOO_SMALL,  # a subnormal: Postgres would take it, a reward it is not
+    '{"score": -1e-400}': "reward_stats.score is outside [0, 1]",
+    '{"score": 1e400}': "reward_stats.score is outside [0, 1]",
+    '{"score": ' + "9" * 5000 + "}": "reward_stats.score is outside [0, 1]",
+    '{"score": "NaN"}': "reward_stats.score is missing or not a JSON number",
+    '{"score": "1e-400"}': "reward_stats.score is missing or not a JSON number",
+    '{"score": true}': "reward_stats.score is missing or not a JSON number",
+    '{"score": {"value": 0.5}}': "reward_stats.score is missing or not a JSON number",
+}
+
+
+async def test_poison_values_are_malformed_and_never_fail_the_batch(db_url: str, conn) -> None:
+    # the stand-in SDK schema indexes the score as float8, which refuses these values at insert;
+    # the Atlas SDK's own schema has no such index, so they can reach the sessions table
+    sql(db_url, "DROP INDEX sessions_reward_score_idx")
+    good, bad = [], {}
+    with psycopg.connect(db_url, autocommit=True) as c:
+        for n, (reward_stats, reason) in enumerate(POISON.items()):
+            good.append(arithmetic_session(c, n, 1, intake=False)[0])
+            sid, _ = arithmetic_session(c, n, 2, intake=False)
+            c.execute("UPDATE sessions SET reward_stats = %s::jsonb WHERE id = %s", [reward_stats, sid])
+            bad[sid] = reason
+        # fits the SDK's index on metadata->>'learning_key', not intake's (learning_key, seq) row
+        long_key = "".join(f"{i:x}" for i in range(1000))[:2690]
+        sid, _ = arithmetic_session(c, 99, 1, intake=False, learning_key=long_key)
+        bad[sid] = "metadata.learning_key is over 1000 bytes"
+        good.append(arithmetic_session(c, 100, 1, intake=False, reward=0.0)[0])  # 0 is a valid score
+        good.append(arithmetic_session(c, 101, 1, intake=False, reward=2.2250738585072014e-308)[0])
+
+    result = await intake.reconcile(conn, None, batch_size=4)  # every batch holds poison
+    assert (result.recorded, result.malformed) == (len(good), len(bad))
+    recorded = dict(sql(db_url, "SELECT session_id, malformed FROM atlasd.intake"))
+    assert recorded == {**{sid: None for sid in good}, **bad}
+    assert sql(db_url, "SELECT count(*) FROM atlasd.intake WHERE malformed IS NULL AND reward_score IS NULL") == [(0,)]
+
+    # the targeted path (a NOTIFY naming the ids) classifies the same way, one batch for all
+    with psycopg.connect(db_url, autocommit=True) as c:
+        later = [arithmetic_session(c, 200, 1, intake=False)[0] for _ in range(2)]
+        c.execute("UPDATE sessions SET reward_stats = '{\"score\": 1e-400}' WHERE id = %s", [later[0]])
+    result = await intake.reconcile(conn, set(later), batch_size=100)
+    assert (result.recorded, result.malformed) == (1, 1)

@@ -1,9 +1,11 @@
 """Policy files: the shipped ones, 100 malformed ones (each a clear error naming file, line and
-field), reload semantics (a broken file keeps its previous version; a removed one stops)."""
+field), poison ones (binary, alias bombs, values that overflow: refused quickly, never an
+exception), reload semantics (a broken file keeps its previous version; a removed one stops)."""
 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from pydantic import BaseModel
 
 from atlasd.policies import (
     MAX_POLICY_BYTES,
+    MAX_POLICY_NODES,
     Filters,
     Gear,
     Policy,
@@ -157,7 +160,25 @@ FIELD_CASES: list[tuple[str, str, Any, str]] = [
     ("bad-registered-model", "registered_model", "a/b c", "registered_model"),
     ("retry-not-mapping", "retry", 3, "retry"),
     ("targets-list", "targets", [0.1, 30], "targets"),
+    # values that once raised past validation (and stopped the daemon) or overflow later
+    ("nul-in-path", "student", "./models/s\0", "student"),
+    ("nul-in-key", "learning_key", "math\0", "learning_key"),
+    ("nul-in-gear-name", "gears.fa\0st", {"trigger": {"batch": {"every": 1}}}, "gears"),
+    ("unknown-home", "teacher", "~no-such-user-atlasd/teacher", "teacher"),
+    ("infinite-duration", f"{F}.trigger.batch.min_interval", float("inf"), f"{F}.trigger.batch.min_interval"),
+    ("huge-duration", f"{F}.wall_clock_limit", "99999999999999w", f"{F}.wall_clock_limit"),
+    ("huge-catchup", "catchup_window", 1e300, "catchup_window"),
+    ("huge-max-age", f"{F}.filters.max_age_days", 1e300, f"{F}.filters.max_age_days"),
+    ("infinite-max-age", f"{F}.filters.max_age_days", float("inf"), f"{F}.filters.max_age_days"),
+    ("huge-session-cap", f"{F}.filters.max_session_bytes", 1 << 40, f"{F}.filters.max_session_bytes"),
 ]
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic YAML alias bomb: 10 ** levels strings from well under a kilobyte."""
+    lines = ['lol0: &lol0 "lol"']
+    lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines + ["teacher: t", "student: s", "gears: {}"]) + "\n"
+
 
 # (case id, file text, what the reason says) for files that are not a policy mapping at all
 TEXT_CASES: list[tuple[str, str | bytes, str]] = [
@@ -177,7 +198,18 @@ TEXT_CASES: list[tuple[str, str | bytes, str]] = [
     ("huge-gears", "teacher: t\nstudent: s\ngears:\n" + "".join(f"  g{i}: {{trigger: {{batch: {{every: 1}}}}}}\n" for i in range(40000)),
      "at most"),
     ("just-over", "teacher: t\n" + "#" * (MAX_POLICY_BYTES - 10) + "\n", "at most"),
+    # poison: binary content, alias bombs and cycles, what the YAML constructor cannot build
+    ("nul-bytes", b"teacher: t\nstudent: s\x00\x00\ngears: {}\n", "2: not a text file: unprintable character U+0000"),
+    ("control-char", "teacher: t\x07\n", "1: not a text file: unprintable character U+0007"),
+    ("latin-1", "teacher: t\nstudent: caf\xe9\n".encode("latin-1"), "2: not UTF-8 text (byte 23)"),
+    ("elf", b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 4, "not UTF-8"),
+    ("alias-bomb", billion_laughs(), "expands to over"),
+    ("alias-cycle", "teacher: t\nstudent: &s [1, *s]\n", "2: invalid YAML: an alias refers to a node that contains it"),
+    ("deep-nesting", "teacher: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested too deeply"),
+    ("impossible-date", "teacher: t\nstudent: 2024-13-45\n", "month must be in 1..12"),
+    ("huge-integer", "teacher: t\nstudent: 1" + "0" * 5000 + "\n", "Exceeds the limit (4300 digits)"),
 ]
+
 
 assert len(FIELD_CASES) + len(TEXT_CASES) >= 100
 
@@ -283,3 +315,51 @@ def test_two_files_with_one_name_and_a_hundred_broken_files_next_to_a_good_one(t
     many = PolicySet(broken)
     report = many.reload()
     assert list(many.policies) == ["good"] and len(report.errors) == len(cases)
+
+
+def test_alias_bombs_are_refused_within_a_second_and_small_anchors_still_work(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(billion_laughs(9))  # 10**9 strings from 797 bytes: minutes and gigabytes if built
+    (tmp_path / "bigger.yaml").write_text(billion_laughs(40))  # 10**40
+    shared = {"trigger": {"batch": {"every": 10}}, "optim": {"max_steps": 7}}
+    (tmp_path / "anchors.yaml").write_text(
+        "teacher: t\nstudent: s\ngears:\n"
+        "  fast: &fast {trigger: {batch: {every: 10}}, optim: {max_steps: 7}}\n"
+        "  again: *fast\n"
+        "  merged: {<<: *fast, filters: {min_reward: 0.5}}\n"
+    )
+    start = time.monotonic()
+    with pytest.raises(PolicyFileError) as info:
+        load_policy_file(bomb)
+    policies = PolicySet(tmp_path)
+    report = policies.reload()
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0
+    assert str(info.value) == (f"{bomb}: the YAML expands to over {MAX_POLICY_NODES} values (aliases repeat their "
+                               "anchor's content); a policy is a page of YAML")
+    assert sorted(report.errors) == sorted([str(bomb), str(tmp_path / "bigger.yaml")])
+    gears = policies.get("anchors").gears
+    assert gears["fast"] == gears["again"] == Gear.model_validate(shared)
+    assert gears["merged"].filters.min_reward == 0.5 and gears["merged"].optim.max_steps == 7
+
+
+def test_durations_refuse_what_a_timedelta_cannot_hold() -> None:
+    assert parse_duration("3650d").days == 3650
+    for value in (float("inf"), float("-inf"), 1e300, "99999999999999w", "3651d"):
+        with pytest.raises(ValueError, match="at most 3650 days"):
+            parse_duration(value)
+
+
+def test_an_unreadable_policies_folder_keeps_the_loaded_policies(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE))
+    policies = PolicySet(tmp_path)
+    assert policies.reload().ok
+
+    def refused(directory: Path) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr("atlasd.policies.policy_files", refused)
+    report = policies.reload()
+    assert list(policies.policies) == ["a"] and report.kept_previous == ["a"]
+    assert str(report.errors[str(tmp_path)][0]) == (
+        f"{tmp_path}: cannot read the policies folder: Permission denied; keeping the loaded policies")

@@ -1,4 +1,4 @@
-"""The operator commands, in process, against real Postgres: policies validate, plan, trigger,
+"""The operator commands, in process, against real Postgres: policies validate (poison files too), plan, trigger,
 pause, resume, runs, runs show, cancel, reload, and the status keys."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from atlasd.cli import main
+from tests.test_policies import billion_laughs
 
 GOOD = {
     "teacher": "t",
@@ -149,3 +150,15 @@ def test_reload_signals_the_daemon_named_in_daemon_state(env: Path, db_url: str,
         assert "runs on host 'elsewhere'" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_validate_names_poison_files_without_a_traceback(env: Path, capsys) -> None:
+    (env / "nul.yaml").write_bytes(b"teacher: t\nstudent: s\x00\x00\n")
+    (env / "bomb.yaml").write_text(billion_laughs())
+    (env / "forever.yaml").write_text(yaml.safe_dump({**GOOD, "catchup_window": float("inf")}))
+    assert main(["policies", "validate"]) == 1
+    out = capsys.readouterr()
+    assert f"error: {env / 'nul.yaml'}:2: not a text file: unprintable character U+0000" in out.err
+    assert f"error: {env / 'bomb.yaml'}: the YAML expands to over 10000 values" in out.err
+    assert f"error: {env / 'forever.yaml'}:1: catchup_window: a duration is at most 3650 days" in out.err
+    assert "1 valid, 3 invalid" in out.err and f"ok: {env / 'p.yaml'}" in out.out

@@ -4,7 +4,7 @@ Which sessions (all through ``atlasd.intake``, the daemon's record of approved s
 
 - **window**: intake rows with ``window_lo < seq <= window_hi``, not malformed, not revoked, whose
   session is still ``approved`` and ``succeeded`` and passes the spec's filters (learning_key,
-  min_reward on ``reward_stats->>'score'``, max_age_days on ``created_at``);
+  min_reward on ``reward_stats.score`` as a JSON number, max_age_days on ``created_at``);
 - **rehearsal**: older rows (``seq <= window_lo``) passing the same checks, a deterministic sample
   (md5 of ``rehearsal_seed`` and session id) sized so that rehearsal is ``rehearsal_fraction`` of
   the training set;
@@ -23,7 +23,12 @@ assistant turn gets the session's ``final_answer`` as its assistant completion (
 is judged); with neither, the session is skipped (reason ``no_completion``).
 
 Rows are read with server-side cursors; events, steps and guidance are aggregated per session in
-one hash-joined query (``trajectory_events`` has no index on ``session_id``).
+one hash-joined query (``trajectory_events`` has no index on ``session_id``). A session whose
+text for the trainer exceeds ``traces.max_session_bytes`` (default 8 MiB) is measured in SQL and
+skipped unread (reason ``oversized``, also counted when it is in the eval set or the rehearsal
+sample): PostgreSQL refuses to aggregate 256 MB of events, and the trainer never holds it.
+
+Long prompts are cut by :func:`encode_prompt` with O(log n) tokenizations of an n-turn session.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ class Example:
 class DatasetBuild:
     train: list[Example]
     eval: list[Example]
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # window sessions by reason, + 'oversized' of eval/rehearsal
     n_window: int = 0
     n_rehearsal: int = 0
 
@@ -108,7 +113,10 @@ _SPLIT_SQL = (
 )
 _READY = "(s.review_status = 'approved' AND s.status = 'succeeded')"
 _KEY_OK = "(%(learning_key)s::text IS NULL OR s.metadata->>'learning_key' = %(learning_key)s::text)"
-_REWARD_OK = "(COALESCE((s.reward_stats->>'score')::double precision, -1) >= %(min_reward)s)"
+# The live session's score as numeric, NULL unless a JSON number: no value (text, 1e-400, 1e400)
+# can fail the query, whatever order the planner evaluates the conditions in.
+_SCORE = "(CASE WHEN jsonb_typeof(s.reward_stats->'score') = 'number' THEN (s.reward_stats->'score')::numeric END)"
+_REWARD_OK = f"(COALESCE({_SCORE}, -1) >= %(min_reward)s::numeric)"
 _AGE_OK = "(%(max_age_days)s::double precision IS NULL OR s.created_at >= now() - make_interval(secs => %(max_age_days)s::double precision * 86400))"
 _USABLE = f"i.malformed IS NULL AND i.revoked_at IS NULL AND {_READY} AND {_KEY_OK} AND {_REWARD_OK}"
 
@@ -144,12 +152,35 @@ SELECT i.seq, i.session_id, NULL::text AS reason
  LIMIT %(eval_max)s
 """
 
-# Sessions of `sel` with their plan, events, steps and guidance aggregated (hash joins, one pass each).
+# Sessions of `sel` with their plan, events, steps and guidance aggregated (hash joins). `size` is
+# each candidate's bytes for the trainer: text columns by octet_length (the stored length, nothing
+# is decompressed), JSON as text, except a JSON value stored larger than the cap, which is counted
+# as stored and never decompressed. A session over max_session_bytes is skipped as 'oversized' and
+# none of its content is fetched. Events (the bulk, no index on session_id) are read in one pass.
 _SESSIONS = """
 WITH sel AS ({sel}),
-ok AS (SELECT seq, session_id FROM sel WHERE reason IS NULL),
+cand AS (SELECT seq, session_id FROM sel WHERE reason IS NULL),
+evc AS (SELECT e.id, e.session_id, e.event FROM trajectory_events e JOIN cand USING (session_id)),
+size AS (SELECT session_id, sum(bytes) AS bytes FROM (
+           SELECT session_id, CASE WHEN pg_column_size(event) > %(max_session_bytes)s THEN pg_column_size(event)
+                                   ELSE octet_length(event::text) END AS bytes FROM evc
+           UNION ALL
+           SELECT p.session_id, CASE WHEN pg_column_size(p.plan) > %(max_session_bytes)s THEN pg_column_size(p.plan)
+                                     ELSE octet_length(p.plan::text) END
+             FROM plans p JOIN cand USING (session_id)
+           UNION ALL
+           SELECT r.session_id, coalesce(octet_length(r.output), 0) + coalesce(octet_length(r.trace), 0)
+             FROM step_results r JOIN cand USING (session_id)
+           UNION ALL
+           SELECT g.session_id, coalesce(octet_length(g.note), 0) FROM guidance_notes g JOIN cand USING (session_id)
+           UNION ALL
+           SELECT s.id, octet_length(s.task) + coalesce(octet_length(s.final_answer), 0)
+             FROM sessions s JOIN cand ON s.id = cand.session_id) b
+         GROUP BY session_id),
+ok AS (SELECT seq, session_id FROM cand LEFT JOIN size USING (session_id)
+        WHERE coalesce(size.bytes, 0) <= %(max_session_bytes)s),
 ev AS (SELECT e.session_id, jsonb_agg(e.event ORDER BY e.id) AS events
-         FROM trajectory_events e JOIN ok USING (session_id) GROUP BY e.session_id),
+         FROM evc e JOIN ok USING (session_id) GROUP BY e.session_id),
 st AS (SELECT r.session_id,
               jsonb_agg(jsonb_build_object('step_id', r.step_id, 'output', r.output, 'trace', r.trace)
                         ORDER BY r.step_id) AS steps
@@ -158,10 +189,13 @@ gn AS (SELECT g.session_id,
               jsonb_agg(jsonb_build_object('step_id', g.step_id, 'note', g.note)
                         ORDER BY g.step_id, g.sequence) AS guidance
          FROM guidance_notes g JOIN ok USING (session_id) GROUP BY g.session_id)
-SELECT sel.seq, sel.session_id, sel.reason, s.task, s.final_answer, p.plan, ev.events, st.steps, gn.guidance
+SELECT sel.seq, sel.session_id,
+       CASE WHEN sel.reason IS NULL AND ok.session_id IS NULL THEN 'oversized' ELSE sel.reason END AS reason,
+       s.task, s.final_answer, p.plan, ev.events, st.steps, gn.guidance
   FROM sel
-  LEFT JOIN sessions s ON s.id = sel.session_id AND sel.reason IS NULL
-  LEFT JOIN plans p ON p.session_id = sel.session_id AND sel.reason IS NULL
+  LEFT JOIN ok ON ok.session_id = sel.session_id
+  LEFT JOIN sessions s ON s.id = ok.session_id
+  LEFT JOIN plans p ON p.session_id = ok.session_id
   LEFT JOIN ev ON ev.session_id = sel.session_id
   LEFT JOIN st ON st.session_id = sel.session_id
   LEFT JOIN gn ON gn.session_id = sel.session_id
@@ -260,7 +294,7 @@ def _params(spec: RunSpec, **extra) -> dict:
         "window_lo": t.window_lo, "window_hi": t.window_hi, "learning_key": t.learning_key,
         "min_reward": t.min_reward, "max_age_days": t.max_age_days, "rehearsal_seed": t.rehearsal_seed,
         "salt": split_salt(spec), "threshold": _threshold(spec.eval.eval_fraction),
-        "eval_max": spec.eval.max_samples, **extra,
+        "eval_max": spec.eval.max_samples, "max_session_bytes": t.max_session_bytes, **extra,
     }
 
 
@@ -297,10 +331,11 @@ def build_dataset(spec: RunSpec, dsn: str | None = None, *, with_train: bool = T
     """Window + rehearsal training examples and the frozen eval set, read from the Atlas database."""
     dsn = dsn or spec.traces.resolved_db_url()
     skipped: Counter = Counter()
+    aside: Counter = Counter()  # why eval and rehearsal sessions were dropped: only 'oversized' is reported
     try:
         with psycopg.connect(dsn, application_name=f"atlasd-trainer-{spec.run_id}", connect_timeout=10) as conn:
             conn.read_only = True
-            eval_set = _collect(conn, _EVAL_SEL, _params(spec), "eval", "eval", Counter())
+            eval_set = _collect(conn, _EVAL_SEL, _params(spec), "eval", "eval", aside)
             train: list[Example] = []
             n_rehearsal = 0
             if with_train:
@@ -308,11 +343,13 @@ def build_dataset(spec: RunSpec, dsn: str | None = None, *, with_train: bool = T
                 k = rehearsal_size(len(train), spec.traces.rehearsal_fraction)
                 if k:
                     rehearsal = _collect(conn, _REHEARSAL_SEL, _params(spec, rehearsal_n=k), "rehearsal",
-                                         "rehearsal", Counter())
+                                         "rehearsal", aside)
                     n_rehearsal = len(rehearsal)
                     train += rehearsal
     except psycopg.Error as exc:  # psycopg messages name host/db/user, never the password
         raise DatasetError(f"reading traces failed: {type(exc).__name__}: {exc}".strip()) from None
+    if aside["oversized"]:
+        skipped["oversized"] += aside["oversized"]
     return DatasetBuild(train=train, eval=eval_set, skipped=skipped,
                         n_window=len(train) - n_rehearsal, n_rehearsal=n_rehearsal)
 
@@ -332,9 +369,10 @@ def load_examples(path: Path) -> list[Example]:
 def encode_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[int], bool]:
     """Chat-templated prompt ids (with the generation prompt), at most ``max_tokens``.
 
-    Too long: drop the oldest non-system turns (keeping the system message and the last turn);
-    still too long: cut tokens from the middle, keeping the head (system) and the tail (latest
-    turn and generation prompt). Returns (ids, truncated)."""
+    Too long: drop the fewest oldest non-system turns that make it fit (keeping the system message
+    and the last turn); still too long: cut tokens from the middle, keeping the head (system) and
+    the tail (latest turn and generation prompt). O(log n) tokenizations for n turns. Returns
+    (ids, truncated)."""
 
     def ids_of(msgs):
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -343,11 +381,24 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int) ->
     ids = ids_of(messages)
     if len(ids) <= max_tokens:
         return ids, False
-    msgs = list(messages)
-    first = 1 if msgs and msgs[0]["role"] == "system" else 0
-    while len(ids) > max_tokens and len(msgs) - first > 1:
-        del msgs[first]
-        ids = ids_of(msgs)
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+
+    def dropping(n: int) -> list[dict[str, str]]:  # without the n oldest non-system turns
+        return messages[:first] + messages[first + n :]
+
+    # The fewest turns to drop (the last one always stays). The prompt only shrinks as more go, so
+    # a binary search finds what dropping them one at a time would, with O(log n) tokenizations.
+    most = max(len(messages) - first - 1, 0)
+    lo, hi = min(1, most), most
+    tried = {0: ids}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tried[mid] = ids_of(dropping(mid))
+        if len(tried[mid]) <= max_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = tried[lo] if lo in tried else ids_of(dropping(lo))
     if len(ids) > max_tokens:
         head = max_tokens // 2
         ids = ids[:head] + ids[len(ids) - (max_tokens - head):]
