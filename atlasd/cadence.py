@@ -31,11 +31,13 @@ from typing import Any, Literal
 
 import psycopg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from psycopg.rows import dict_row
 
 from atlasd import queue
 from atlasd.db import safe_error
+from atlasd.health import Health, backoff_s
 from atlasd.logging import get_logger
 from atlasd.policies import Gear, Policy, PolicySet
 from atlasd.settings import Settings
@@ -287,6 +289,9 @@ def _plan(
     return plan, fire_at
 
 
+NO_NEW_TRACES = "no new traces since the last run"
+
+
 def _decide(
     plan: GearPlan,
     gear: Gear,
@@ -307,6 +312,9 @@ def _decide(
     if gear.kind == "cron":
         plan.next_fire_at = next_tick(gear, now)
     if mode == "manual":
+        if not counts["pending"]:  # a run with an empty window could only fail (queue.EmptyWindow)
+            plan.reason = NO_NEW_TRACES
+            return None
         fire("manual", counts["all_hi"], counts["pending"], "manual trigger")
         return now
 
@@ -332,6 +340,8 @@ def _decide(
     late = now - tick
     if plan.paused:
         why = "paused"
+    elif not counts["pending"]:
+        why = NO_NEW_TRACES
     elif late <= CRON_ON_TIME:
         fire("cron", counts["all_hi"], counts["pending"], f"cron tick {tick.isoformat()}")
         return tick
@@ -431,8 +441,13 @@ def status_sections(conn: psycopg.Connection, settings: Settings) -> dict[str, A
 
 class CadenceComponent:
     """The daemon component: loads the policies, arms the cron timers, evaluates gears after
-    intake, on every timer tick and every ``poll_interval_s`` (min_interval, resume, retries of a
-    failed evaluation), and reloads on SIGHUP. ``policy_set`` is the live set (the runner reads it)."""
+    intake, on every timer tick and every ``poll_interval_s`` (min_interval, resume), and reloads
+    on SIGHUP. ``policy_set`` is the live set (the runner reads it).
+
+    A failed evaluation (the database away) is not lost: every gear is evaluated again after an
+    exponential, jittered backoff (capped at ``reconnect_max_backoff_s``) until a full evaluation
+    succeeds; meanwhile ``health`` has the part ``cadence`` degraded. A cron tick evaluated late
+    still fires (on time within CRON_ON_TIME, else as catch-up)."""
 
     name = "cadence"
 
@@ -443,6 +458,8 @@ class CadenceComponent:
         self.log = get_logger("cadence")
         self.pool = None
         self.scheduler: AsyncIOScheduler | None = None
+        self.health = Health("cadence")
+        self._failures = 0  # failed evaluations since the last full success (the retry backoff)
         self._eval_lock = asyncio.Lock()
 
     async def start(self, daemon) -> None:
@@ -512,19 +529,40 @@ class CadenceComponent:
         if policy is None or gear_name not in policy.gears:
             return None
         async with self._eval_lock:
-            return await self._evaluate(policy, gear_name)
+            plan = await self._evaluate(policy, gear_name)
+        if plan is None:
+            self._retry_later()
+        return plan
 
     async def evaluate(self, kind: Literal["batch", "cron"] | None = None) -> list[GearPlan]:
         """Evaluate every gear (or every gear of one kind); one failing gear does not stop the others."""
-        plans = []
+        plans, failed = [], False
         async with self._eval_lock:
             for policy in self.policy_set.policies.values():
                 for gear_name, gear in policy.gears.items():
                     if kind is None or gear.kind == kind:
                         plan = await self._evaluate(policy, gear_name)
-                        if plan is not None:
+                        if plan is None:
+                            failed = True
+                        else:
                             plans.append(plan)
+        if failed:
+            self._retry_later()
+        elif kind is None:
+            self._failures = 0
+            self.health.recovered("cadence")
+            if self.scheduler is not None and self.scheduler.get_job("cadence-retry") is not None:
+                self.scheduler.remove_job("cadence-retry")
         return plans
+
+    def _retry_later(self) -> None:
+        """Evaluate every gear again after the backoff (one pending retry; a later failure moves it)."""
+        if self.scheduler is None or not self.scheduler.running:
+            return
+        delay = backoff_s(self._failures + 1, self.settings.reconnect_max_backoff_s)  # 0.5-1 s first
+        self._failures += 1
+        self.scheduler.add_job(self.evaluate, DateTrigger(run_date=utc_now() + timedelta(seconds=delay)),
+                               id="cadence-retry", replace_existing=True, misfire_grace_time=None)
 
     async def _evaluate(self, policy: Policy, gear_name: str) -> GearPlan | None:
         try:
@@ -537,7 +575,8 @@ class CadenceComponent:
                     catchup_window=catchup_window(policy, self.settings),
                 )
         except (psycopg.Error, OSError) as exc:
-            self.log.warning("cadence evaluation failed; retried on the next poll", policy=policy.name,
+            self.health.failed("cadence", "retrying evaluations", safe_error(exc))
+            self.log.warning("cadence evaluation failed; retried with backoff", policy=policy.name,
                              gear=gear_name, error=safe_error(exc))
             return None
         if plan.action in ("enqueue", "coalesce"):

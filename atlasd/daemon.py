@@ -4,26 +4,36 @@ Start-up order: logging, schema check, the per-database lock, the connection poo
 listener, a first full reconcile, then the components (cadence, runner, ... from later issues),
 then, once the listener is connected, READY=1 for systemd. SIGTERM/SIGINT stop it cleanly
 (STOPPING=1, components in reverse order); SIGHUP calls ``reload()`` on every component
-(RELOADING=1 ... READY=1). Under systemd the heartbeat sends WATCHDOG=1 while the lock connection
-and the listener are healthy, and STATUS= is refreshed every STATUS_S (:func:`atlasd.status.status_line`).
+(RELOADING=1 ... READY=1). STATUS= is refreshed every STATUS_S (:func:`atlasd.status.status_line`).
+
+Losing a database connection never stops the daemon (:mod:`atlasd.health`): the pool checks a
+connection before handing it out; the listener reconnects; a failed reconcile is retried with
+backoff; a failed heartbeat means the lock connection is gone, so ``lock_held`` is cleared (no
+intake, and no new work for components that honour it) and the lock is re-taken with backoff,
+while a running trainer keeps running. Only another daemon holding the lock when this one comes
+back stops it (exit 1, with the holder named). Meanwhile STATUS= starts with ``degraded: ...``,
+the heartbeat records the faults in ``atlasd.daemon_state.degraded`` and WATCHDOG=1 keeps going
+out from the heartbeat as long as every degraded part is still retrying (each attempt is
+bounded); a part that stopped trying, or a stalled event loop, stops the pings.
 
 A component plugs in by implementing :class:`Component` and either being appended to
 ``Daemon.components`` before ``run()`` or being named in ``COMPONENT_MODULES`` (a module that
 exposes ``create_component(settings) -> Component``; ``build_daemon`` loads them in order).
 Components query the database through ``daemon.pool`` (``async with daemon.pool.connection()
-as conn``: committed at exit). They must not block the event loop.
+as conn``: committed at exit; a PoolTimeout, a psycopg.OperationalError, after POOL_TIMEOUT_S
+without a working connection). They must not block the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import signal
 import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Protocol
 
 import psycopg
@@ -32,8 +42,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from atlasd import __version__, intake
 from atlasd.db import DatabaseError, connect, connect_kwargs, safe_error
 from atlasd.db.migrate import check_schema
+from atlasd.health import Fault, Health, backoff_s, summary
 from atlasd.listener import Listener
-from atlasd.lock import HEARTBEAT_S, DaemonLock, LockLostError
+from atlasd.lock import HEARTBEAT_S, HEARTBEAT_TIMEOUT_S, DaemonLock, LockHeldError, LockLostError
 from atlasd.logging import configure_logging, get_logger
 from atlasd.sdnotify import Notifier, watchdog_interval_s
 from atlasd.settings import Settings
@@ -43,12 +54,21 @@ from atlasd.status import status_line
 COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions", "atlasd.metrics"]
 
 POOL_MAX_SIZE = 4
-RETRY_S = 5.0  # after a failed reconcile, a full one this much later
+POOL_TIMEOUT_S = 10.0  # pool.connection() gives up (PoolTimeout) after this long without a working connection
+# A degraded part is stuck (WATCHDOG=1 withheld) when its latest attempt is older than the
+# reconnect backoff cap plus this: one attempt's bound (connect timeout 10 s, or a pool wait, or a
+# heartbeat) and a heartbeat interval.
+STUCK_SLACK_S = max(10.0, POOL_TIMEOUT_S, HEARTBEAT_TIMEOUT_S) + HEARTBEAT_S
 STATUS_S = HEARTBEAT_S  # systemd's STATUS= line is refreshed this often (only under systemd)
 HEAVY_MODULES = ("torch", "transformers", "trl", "mlflow")  # must never be loaded in the daemon
 
 
 class Component(Protocol):
+    """Optionally also ``health: atlasd.health.Health``: its faults join the daemon's (STATUS=,
+    ``atlasd status``, the watchdog's stuck check). ``daemon.lock_held`` is clear while the lock
+    is being re-taken: start no new work then (claims, registrations). ``daemon.superseded`` is set
+    when the daemon stops because another one holds the lock: leave what is unfinished to it."""
+
     name: str
 
     async def start(self, daemon: Daemon) -> None:
@@ -73,11 +93,18 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.listener_connected = False
         self.notifier = Notifier()
-        self.last_reconcile_at: datetime | None = None
+        self.health = Health("daemon")  # the daemon's own parts: lock, listener, intake, notify-trigger
+        self.lock_held = asyncio.Event()  # set while this daemon holds the per-database lock
+        # set (and ``stopping``) when another daemon holds the lock once this one could reconnect:
+        # what is left to do belongs to that daemon now (its start-up reconcile)
+        self.superseded: LockHeldError | None = None
+        self._lock_held_since = 0.0  # time.monotonic() when the lock was last (re-)taken
+        self._last_reconcile: float | None = None  # time.monotonic() of the last successful reconcile
         self._wakeup = intake.Wakeup(max_ids=settings.intake_batch_size)
         self._lock = DaemonLock(settings)
         self._beat = asyncio.Event()  # write the heartbeat row now (listener state changed)
         self._exit_code = 0
+        self._withheld: list[str] = []  # stuck parts for which WATCHDOG=1 is withheld (logged once)
         self._tasks: set[asyncio.Task] = set()
         self._started: list[Component] = []  # components whose start() returned, in order
         self._listener_up = asyncio.Event()
@@ -89,12 +116,20 @@ class Daemon:
         """Ask the reconciler to look at these session ids soon (None: at every ready session)."""
         self._wakeup.request(ids)
 
+    def faults(self) -> list[Fault]:
+        """What is degraded now: the daemon's own parts, then each started component's."""
+        components = [f for c in self._started if (h := getattr(c, "health", None)) is not None for f in h.faults]
+        return self.health.faults + components
+
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT (or ``stopping`` is set). 0 on a clean stop, 1 if the lock was
-        lost or a component failed to start. Raises DatabaseError (safe to print) when the schema
-        is old or another daemon holds the lock."""
+        """Run until SIGTERM/SIGINT (or ``stopping`` is set). 0 on a clean stop, 1 if a component
+        failed to start or a daemon task failed. Raises DatabaseError (safe to print) when the
+        schema is old or another daemon holds the lock (at start, or when this one comes back
+        from losing its lock connection: LockHeldError, after a clean stop)."""
         started_at = time.monotonic()
         configure_logging(self.settings.log_format, self.settings.log_level)
+        # the pool's own reconnect warnings (plain text on stderr) repeat what the health log says
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self.log = get_logger("daemon")
         self.log.info("starting", version=__version__, db=self.settings.dsn_redacted)
         loop = asyncio.get_running_loop()
@@ -105,11 +140,15 @@ class Daemon:
             await asyncio.to_thread(self._check_schema)
             if not await self._lock.acquire(wait=self.settings.lock_wait, stopping=self.stopping, log=self.log):
                 return 0
+            self._lock_held_since = time.monotonic()
+            self.lock_held.set()
             try:
                 await self._run_locked(started_at)
             finally:
                 await self._lock.release()
             self.log.info("stopped", exit_code=self._exit_code)
+            if self.superseded is not None:
+                raise self.superseded
             return self._exit_code
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -117,20 +156,25 @@ class Daemon:
 
     async def _run_locked(self, started_at: float) -> None:
         self.pool = AsyncConnectionPool(
-            self.settings.dsn, min_size=1, max_size=POOL_MAX_SIZE, kwargs=connect_kwargs("atlasd"), open=False
+            self.settings.dsn, min_size=1, max_size=POOL_MAX_SIZE, kwargs=connect_kwargs("atlasd"), open=False,
+            check=AsyncConnectionPool.check_connection, timeout=POOL_TIMEOUT_S,
+            # a connection slot that cannot reconnect for this long is dropped, and the next request
+            # starts a fresh attempt (the pool's own backoff would otherwise grow without a cap)
+            reconnect_timeout=self.settings.reconnect_max_backoff_s,
         )
         try:
             await self.pool.open(wait=True, timeout=30)
         except PoolTimeout:
             await self.pool.close()
             raise DatabaseError(f"cannot open a connection pool to {self.settings.dsn_redacted}") from None
-        listener = Listener(self.settings, self.request_reconcile, self._set_listener_state)
+        listener = Listener(self.settings, self.request_reconcile, self._set_listener_state, self.health)
         self._spawn(listener.run(self.stopping))
         self._spawn(self._heartbeat_loop())
         try:
             await listener.first_attempt_done.wait()
             self._wakeup.take()
             await self._reconcile(None)
+            self._beat.set()  # the self-report shows the start-up reconcile at once
             for component in self.components:
                 self.log.info("starting component", component_name=component.name)
                 await component.start(self)
@@ -179,8 +223,18 @@ class Daemon:
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A daemon loop ends only when cancelled at stop; an exception that escaped one is a bug
+        that would silently stop intake or the heartbeat, so the daemon stops (exit 1)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("daemon task failed; stopping", task=task.get_coro().__qualname__,
+                           error=safe_error(task.exception()))
+            self._exit_code = 1
+            self.stopping.set()
 
     def _set_listener_state(self, connected: bool) -> None:
         if connected != self.listener_connected:
@@ -200,16 +254,20 @@ class Daemon:
             w.cancel()
 
     async def _status_loop(self) -> None:
-        """Keep systemd's STATUS= line current: the running run and step, queued runs, pending
-        traces per policy/gear, the champions (:func:`atlasd.status.status_line`)."""
+        """Keep systemd's STATUS= line current: ``degraded: ...`` first when some part is (from
+        memory, so it is shown with the database away), then the running run and step, queued
+        runs, pending traces per policy/gear, the champions (:func:`atlasd.status.status_line`)."""
         cadence = next((c for c in self.components if c.name == "cadence"), None)
         loop = asyncio.get_running_loop()
         while True:
             policies = list(cadence.policy_set.policies.values()) if cadence is not None else []
+            parts = [summary(faults)] if (faults := self.faults()) else []
             try:
-                self.notifier.status(await loop.run_in_executor(self._status_worker, self._status_text, policies))
+                parts.append(await loop.run_in_executor(self._status_worker, self._status_text, policies))
             except (psycopg.Error, DatabaseError) as exc:
                 self.log.warning("status line not refreshed", error=safe_error(exc))
+            if parts:  # with the database away and nothing degraded yet, keep the previous line
+                self.notifier.status("; ".join(parts))
             await asyncio.sleep(STATUS_S)
 
     def _status_text(self, policies: list) -> str:
@@ -228,40 +286,112 @@ class Daemon:
             self._status_conn = None
 
     async def _heartbeat_loop(self) -> None:
+        """Every HEARTBEAT_S (or half of WatchdogSec): the self-report on the lock connection, then
+        WATCHDOG=1 unless a degraded part is stuck. A failed heartbeat means the lock connection
+        is gone: ``lock_held`` is cleared and :meth:`DaemonLock.retake` is retried with backoff
+        until the lock is held again (then a full reconcile) or another daemon holds it (stop)."""
         interval = min(HEARTBEAT_S, watchdog_interval_s() or HEARTBEAT_S)
+        cap = self.settings.reconnect_max_backoff_s
+        attempt, retake_at = 0, 0.0
         while True:
+            if self.lock_held.is_set():
+                try:
+                    last = None if self._last_reconcile is None else time.monotonic() - self._last_reconcile
+                    triggers = await self._lock.heartbeat(
+                        listener_connected=self.listener_connected, last_reconcile_s_ago=last,
+                        degraded=[f.to_json() for f in self.faults()],
+                    )
+                    self._check_triggers(triggers)
+                except LockLostError as exc:
+                    self.lock_held.clear()
+                    self.health.failed("lock", "re-taking the lock", str(exc))
+                    attempt, retake_at = 0, time.monotonic() + backoff_s(0, cap)
+                    self.log.warning("lock connection lost; re-taking the lock", error=str(exc),
+                                     retry_in_s=round(retake_at - time.monotonic(), 2))
+            elif time.monotonic() >= retake_at:
+                try:
+                    await self._lock.retake()
+                except LockHeldError as exc:
+                    self.log.error("another daemon holds the database lock; stopping", error=str(exc))
+                    self.superseded, self._exit_code = exc, 1
+                    self.stopping.set()
+                    return
+                except LockLostError as exc:
+                    attempt += 1
+                    retake_at = time.monotonic() + backoff_s(attempt, cap)
+                    self.health.failed("lock", "re-taking the lock", str(exc))
+                    self.log.warning("cannot re-take the database lock yet", error=str(exc), attempt=attempt,
+                                     retry_in_s=round(retake_at - time.monotonic(), 2))
+                else:
+                    self._lock_held_since = time.monotonic()
+                    self.lock_held.set()
+                    self.health.recovered("lock")
+                    self.log.info("lock re-taken", attempts=attempt + 1)
+                    self.request_reconcile()  # whatever became ready while the lock was away
+                    continue  # the heartbeat, at once
+            self._feed_watchdog()
+            wait = interval if self.lock_held.is_set() else min(interval, max(0.0, retake_at - time.monotonic()))
             try:
-                await self._lock.heartbeat(
-                    listener_connected=self.listener_connected, last_reconcile_at=self.last_reconcile_at
-                )
-            except LockLostError as exc:
-                self.log.error("lost the database lock; stopping", error=str(exc))
-                self._exit_code = 1
-                self.stopping.set()
-                return
-            if self.listener_connected:
-                self.notifier.watchdog()
-            try:
-                await asyncio.wait_for(self._beat.wait(), interval)
+                await asyncio.wait_for(self._beat.wait(), wait)
             except TimeoutError:
                 pass
             self._beat.clear()
 
+    def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 unless some degraded part stopped retrying: its latest attempt is older than
+        the backoff cap plus STUCK_SLACK_S. Parts that wait for the lock are not counted while it
+        is being re-taken, nor before it has been held for that long again."""
+        now = time.monotonic()
+        bound = self.settings.reconnect_max_backoff_s + STUCK_SLACK_S
+        stuck = [
+            f.part for f in self.faults()
+            if (f.part == "lock" or self.lock_held.is_set())
+            and now - max(f.last_attempt, self._lock_held_since if f.part != "lock" else 0.0) > bound
+        ]
+        if stuck != self._withheld and stuck:
+            self.log.error("degraded parts stopped retrying; WATCHDOG=1 withheld", parts=stuck, bound_s=bound)
+        self._withheld = stuck
+        if not stuck:
+            self.notifier.watchdog()
+
+    def _check_triggers(self, states: dict[str, str]) -> None:
+        """The heartbeat's view of the NOTIFY triggers: one missing or disabled is a degraded
+        ``notify-trigger`` (intake then relies on the slow poll) until it is back."""
+        broken = {name: state for name, state in states.items() if state != "enabled"}
+        if not broken:
+            self.health.recovered("notify-trigger")
+            return
+        what = ", ".join(f"{name} {state}" for name, state in sorted(broken.items()))
+        self.health.failed("notify-trigger", what, f"approvals reach the daemon only by its slow poll (every "
+                                                   f"{self.settings.poll_interval_s:.0f}s)")
+
     async def _reconcile_loop(self) -> None:
+        """A reconcile per wake-up (and per slow poll) while the lock is held; after a failed one,
+        the next (full) one waits an exponential, jittered backoff."""
+        failures = 0
         while True:
             ids = await self._wakeup.wait(self.settings.poll_interval_s)
-            await self._reconcile(ids)
+            await self.lock_held.wait()  # nothing is recorded while the lock is being re-taken
+            if await self._reconcile(ids):
+                failures = 0
+                continue
+            await asyncio.sleep(backoff_s(failures, self.settings.reconnect_max_backoff_s))
+            failures += 1
 
-    async def _reconcile(self, ids: set[int] | None) -> None:
+    async def _reconcile(self, ids: set[int] | None) -> bool:
+        """Record what is ready (``ids``, or everything); False if the database failed (then a
+        full reconcile is requested and ``intake`` is degraded until one succeeds)."""
         t0 = time.monotonic()
         try:
             async with self.pool.connection() as conn:
                 result = await intake.reconcile(conn, ids, self.settings.intake_batch_size)
-        except (psycopg.Error, PoolTimeout) as exc:
-            self.log.warning("reconcile failed; full reconcile again soon", error=safe_error(exc), retry_in_s=RETRY_S)
-            asyncio.get_running_loop().call_later(RETRY_S, self.request_reconcile)
-            return
-        self.last_reconcile_at = datetime.now(UTC)
+        except psycopg.Error as exc:  # PoolTimeout included
+            self.health.failed("intake", "retrying the reconcile", safe_error(exc))
+            self.log.warning("reconcile failed; a full reconcile follows", error=safe_error(exc))
+            self.request_reconcile()
+            return False
+        self.health.recovered("intake")
+        self._last_reconcile = time.monotonic()
         if result.changed:
             self.log.info(
                 "intake",
@@ -281,6 +411,7 @@ class Daemon:
                     await component.on_intake(result.recorded)
                 except Exception:
                     self.log.exception("component failed on intake", component_name=component.name)
+        return True
 
     async def _reload(self) -> None:
         self.log.info("reload requested", signal="SIGHUP")

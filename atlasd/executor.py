@@ -4,6 +4,10 @@ interface. The daemon never imports torch: the child is ``python -m trainers run
 
 Process-group discipline: the child is a session leader (``start_new_session``), so signals go
 to it and to anything it spawned (dataloader workers, vLLM) and never to the daemon.
+
+Output: ``events`` reads the child's stdout line by line, up to ``LINE_LIMIT_BYTES`` a line; a longer
+line is skipped (an ``output_skipped`` event says how long it was), never an error. Every line kept
+is appended to ``stdout.jsonl``; a failure to write it (ENOSPC) raises from ``events``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 STDERR_TAIL_BYTES = 8192
+LINE_LIMIT_BYTES = 8 << 20  # the longest stdout line kept (eval summaries are far shorter)
 
 
 @dataclass
@@ -112,7 +117,7 @@ class LocalExecutor:
                 env=dict(env),
                 cwd=str(run_dir),
                 start_new_session=True,
-                limit=1 << 20,  # long JSON lines (eval summaries) are fine
+                limit=LINE_LIMIT_BYTES,
             )
         finally:
             stderr.close()
@@ -120,11 +125,23 @@ class LocalExecutor:
 
     async def events(self, handle: RunHandle) -> AsyncIterator[dict[str, Any]]:
         assert handle.process is not None and handle.process.stdout is not None
-        with handle.stdout_log.open("a", encoding="utf-8") as log:
-            async for raw in handle.process.stdout:
-                line = raw.decode(errors="replace")
-                log.write(line if line.endswith("\n") else line + "\n")
+        stdout = handle.process.stdout
+        with handle.stdout_log.open("ab") as log:
+            while True:
+                try:
+                    raw = await stdout.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:  # end of output; the last line may lack its newline
+                    raw = exc.partial
+                    if not raw:
+                        return
+                except asyncio.LimitOverrunError as exc:
+                    skipped = await _skip_line(stdout, exc.consumed)
+                    yield {"event": "output_skipped", "bytes": skipped,
+                           "reason": f"a stdout line longer than {LINE_LIMIT_BYTES} bytes was skipped"}
+                    continue
+                log.write(raw if raw.endswith(b"\n") else raw + b"\n")
                 log.flush()
+                line = raw.decode(errors="replace")
                 if line.strip():
                     yield parse_event(line)
 
@@ -176,6 +193,19 @@ class LocalExecutor:
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
+
+
+async def _skip_line(stream: asyncio.StreamReader, buffered: int) -> int:
+    """Discard the rest of an over-long line whose first ``buffered`` bytes are in the buffer; its length."""
+    skipped = 0
+    while True:
+        skipped += len(await stream.readexactly(buffered))
+        try:
+            return skipped + len(await stream.readuntil(b"\n"))
+        except asyncio.LimitOverrunError as exc:
+            buffered = exc.consumed
+        except asyncio.IncompleteReadError as exc:
+            return skipped + len(exc.partial)
 
 
 def _group_exists(pgid: int) -> bool:

@@ -4,31 +4,36 @@ It never writes the intake; it only wakes the reconciler with the payload's id h
 every (re)connect it asks for a full reconcile, since notifications sent while it was away are
 lost. A dead connection is noticed by libpq keepalives, by the error ``notifies()`` raises when
 the server ends the session, and by a ``SELECT 1`` after each quiet ``notify_timeout_s``.
-Reconnects back off exponentially (capped at ``reconnect_max_backoff_s``) with jitter.
+Reconnects back off exponentially (capped at ``reconnect_max_backoff_s``) with jitter; while it
+reconnects, the part ``listener`` is degraded in the daemon's :class:`~atlasd.health.Health`.
+
+The notifications come from the two triggers ``atlasd db migrate`` installs on ``public.sessions``
+(:data:`NOTIFY_TRIGGERS`); :data:`TRIGGER_STATES` tells whether they are there and enabled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Iterable
 
 import psycopg
 
 from atlasd.db import DatabaseError, aconnect, safe_error
+from atlasd.health import Health, backoff_s
 from atlasd.intake import parse_payload
 from atlasd.logging import get_logger
 from atlasd.settings import Settings
 
 CHANNEL = "atlasd_traces"
 APPLICATION_NAME = "atlasd-listener"
-FIRST_BACKOFF_S = 0.5
-
-
-def backoff_s(attempt: int, cap: float) -> float:
-    """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped, half-jittered."""
-    delay = min(cap, FIRST_BACKOFF_S * 2**attempt)
-    return delay * random.uniform(0.5, 1.0)
+NOTIFY_TRIGGERS = ("atlasd_sessions_ready_ins", "atlasd_sessions_ready_upd")  # migration 0001
+# One row, one column: {trigger name: "enabled" | "disabled" | "missing"} for NOTIFY_TRIGGERS
+# (a trigger disabled, or enabled only for replicas, sends nothing to the daemon).
+TRIGGER_STATES = f"""SELECT jsonb_object_agg(t.name, CASE WHEN g.oid IS NULL THEN 'missing'
+                                                     WHEN g.tgenabled IN ('O', 'A') THEN 'enabled'
+                                                     ELSE 'disabled' END)
+  FROM unnest(ARRAY[{", ".join(f"'{name}'" for name in NOTIFY_TRIGGERS)}]) AS t(name)
+  LEFT JOIN pg_trigger g ON g.tgname = t.name AND g.tgrelid = to_regclass('public.sessions') AND NOT g.tgisinternal"""
 
 
 class Listener:
@@ -37,11 +42,13 @@ class Listener:
         settings: Settings,
         wake: Callable[[Iterable[int] | None], None],
         on_state: Callable[[bool], None],
+        health: Health,
     ) -> None:
         self.settings = settings
         self.log = get_logger("listener")
         self._wake = wake  # ids to look at, or None for everything
         self._on_state = on_state  # connected / disconnected
+        self._health = health
         self.first_attempt_done = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -53,6 +60,7 @@ class Listener:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.log.info("listening", channel=CHANNEL, attempt=attempt)
                     attempt = 0
+                    self._health.recovered("listener")
                     self._on_state(True)
                     self._wake(None)  # whatever was notified while we were away
                     self.first_attempt_done.set()
@@ -62,6 +70,7 @@ class Listener:
             except (psycopg.Error, DatabaseError) as exc:
                 delay = backoff_s(attempt, self.settings.reconnect_max_backoff_s)
                 self.log.warning("listener connection lost", error=safe_error(exc), retry_in_s=round(delay, 2))
+                self._health.failed("listener", "reconnecting", safe_error(exc))
                 self._on_state(False)
                 self.first_attempt_done.set()
                 attempt += 1

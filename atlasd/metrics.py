@@ -52,6 +52,17 @@ def families(status: dict[str, Any] | None, scrape_errors: int) -> list[Metric]:
     listener.add_metric([], int(bool(status["listener"]["connected"])))
     queue_usage = gauge("atlasd_notify_queue_usage_ratio", "pg_notification_queue_usage(): fraction of the NOTIFY queue in use")
     queue_usage.add_metric([], status["listener"]["notify_queue_usage"])
+    trigger = gauge("atlasd_notify_trigger_enabled",
+                    "1 when this NOTIFY trigger on public.sessions exists and is enabled", ["trigger"])
+    for name, state in status["listener"]["notify_trigger"].items():
+        trigger.add_metric([name], int(state == "enabled"))
+    degraded = gauge("atlasd_degraded_seconds", "How long this part of the daemon has been degraded (reconnecting, "
+                     "re-taking the lock, retrying), as of its last heartbeat; absent when healthy", ["part"])
+    for d in status["daemon"]["degraded"]:
+        degraded.add_metric([d["part"]], d["for_s"])
+    reconcile_age = gauge("atlasd_last_reconcile_age_seconds", "Seconds since the daemon's last successful reconcile")
+    if status["daemon"]["last_reconcile_age_s"] is not None:
+        reconcile_age.add_metric([], status["daemon"]["last_reconcile_age_s"])
 
     intake = status["intake"]
     usable = CounterMetricFamily("atlasd_intake_usable", "Recorded approved traces that are usable (not malformed)")
@@ -112,8 +123,8 @@ def families(status: dict[str, Any] | None, scrape_errors: int) -> list[Metric]:
         if str(c["version"]).isdigit():  # MLflow versions are integers
             champion.add_metric([policy, c["registered_model"]], int(c["version"]))
 
-    return [up, errors, daemon_running, listener, queue_usage, usable, by_key, malformed, revoked, backlog,
-            pending, threshold, paused, runs, last_success, *training, promotions, champion]
+    return [up, errors, daemon_running, listener, queue_usage, trigger, degraded, reconcile_age, usable, by_key,
+            malformed, revoked, backlog, pending, threshold, paused, runs, last_success, *training, promotions, champion]
 
 
 class StatusCollector(Collector):

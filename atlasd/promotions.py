@@ -3,14 +3,22 @@ imports mlflow), records each decision in ``atlasd.promotions``, retries registr
 MLflow store is unavailable (``atlasd.registrations``), and runs the post-promotion hook.
 
 Entry points:
-- the runner, after a run ends (any status): ``await finalize_run(settings, run_id, spec_path,
-  result_path, log_path)``; it never raises for a registry failure (the row stays pending and is
-  retried by :class:`RegistrationRetrier`, component ``atlasd.promotions``);
+- the runner, when a run ends (succeeded, or failed with a result): ``await queue_registration(conn,
+  run_id, *run_files(output_dir, run_id))`` in the transaction that writes the outcome, then
+  ``RegistrationRetrier.kick()``; the registration itself (``finalize_run``: MLflow run, model
+  version, gate) runs in :class:`RegistrationRetrier` (component ``atlasd.promotions``), off the
+  GPU slot, retried with backoff while the store is unavailable;
 - the runner, before a run: ``await champion(settings, policy_name)`` -> ``{"champion": version |
   None, "path": local checkpoint folder | None, ...}`` for ``RunSpec.student``/``champion_version``;
   ``mlflow_target(settings, policy)`` for ``RunSpec.mlflow``;
-- the CLI: ``list_models``, ``force_promote``, ``rollback`` (via ``asyncio.run``);
+- the CLI: ``list_models``, ``force_promote``, ``rollback`` (via ``asyncio.run``); ``requeue_registration``
+  and ``list_registrations`` (`atlasd register RUN_ID`, `atlasd registrations`);
 - ``atlasd status``: ``champions(conn)``, the current champion per policy from the audit table.
+
+Registry children fail fast against an unreachable store: MLflow's HTTP client retries twice with a
+30 s request timeout (its default, 7 retries, holds a call ~4 minutes against a server that is down)
+and a PostgreSQL store gets a 10 s connect timeout (``FAIL_FAST_ENV``; the environment can override
+each); ``REGISTRY_TIMEOUT_S`` bounds any child.
 
 Post-promotion hook (when the champion moves: promote, force, rollback): ``NOTIFY
 atlasd_promotions '{"model", "version", "policy"}'`` (in the transaction that writes the audit
@@ -22,6 +30,7 @@ hook did is stored in ``atlasd.promotions.hook``; a failing hook never undoes a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import os
@@ -48,6 +57,17 @@ HOOK_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 10  # registration attempts before a run's row is marked failed
 LOCK_CLASS = 0x61746C61  # pg_advisory_lock(LOCK_CLASS, run_id): one finalize per run at a time
 CHAMPION_MOVES = ("promote", "force", "rollback")
+REGISTRATION_STATES = ("pending", "done", "failed")
+FAIL_FAST_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "PGCONNECT_TIMEOUT": "10",
+}
+
+
+class RegistrationRefused(ValueError):
+    """`atlasd register` does not apply to this run (unknown, not finished, already registered); safe to show."""
 
 
 class RegistryCallError(RuntimeError):
@@ -88,8 +108,10 @@ def _cache_dir(settings: Settings) -> str:
 
 
 async def run_registry(settings: Settings, *args: str, timeout_s: float = REGISTRY_TIMEOUT_S) -> RegistryOutcome:
-    """``python -m registry ARGS`` with the tracking URI in its environment (not in argv)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_REGISTRY_URI": settings.tracking_uri}
+    """``python -m registry ARGS`` with the tracking URI in its environment (not in argv). A child
+    past ``timeout_s`` is killed (a retryable outcome); so is one whose caller is cancelled."""
+    env = {**FAIL_FAST_ENV, **os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri,
+           "MLFLOW_REGISTRY_URI": settings.tracking_uri}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "registry", *args, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -100,6 +122,10 @@ async def run_registry(settings: Settings, *args: str, timeout_s: float = REGIST
         proc.kill()
         await proc.wait()
         return RegistryOutcome(EXIT_UNAVAILABLE, {"error": f"python -m registry {args[0]} timed out after {timeout_s:g} s"}, "")
+    except asyncio.CancelledError:  # the daemon is stopping: never leave a registration running unsupervised
+        proc.kill()
+        await proc.wait()
+        raise
     tail = redact_url(stderr.decode(errors="replace")[-4000:])
     lines = [ln for ln in stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
     try:
@@ -210,6 +236,70 @@ async def rollback(settings: Settings, policy: str, reason: str, actor: str) -> 
 
 
 # ---------------------------------------------------------------- registration of finished runs
+def run_files(output_dir: str | Path, run_id: int) -> tuple[Path, Path, Path]:
+    """The spec, result and log that run ``run_id`` left in its output folder, as registered: the
+    runner's copy ``result-ID.json`` when there is one (a retry resuming in the same folder rewrites
+    ``result.json``), else ``result.json``."""
+    folder = Path(output_dir)
+    own = folder / f"result-{run_id}.json"
+    return (folder / f"run_spec-{run_id}.json", own if own.is_file() else folder / "result.json",
+            folder / "stdout.jsonl")
+
+
+async def queue_registration(conn: psycopg.AsyncConnection, run_id: int, spec_path: str | Path,
+                             result_path: str | Path, log_path: str | Path | None) -> None:
+    """A pending ``atlasd.registrations`` row for a finished run, in the caller's transaction (the
+    runner's, with the outcome); an existing row is left as it is."""
+    await conn.execute(
+        """INSERT INTO atlasd.registrations (run_id, spec_path, result_path, log_path) VALUES (%s, %s, %s, %s)
+           ON CONFLICT (run_id) DO NOTHING""",
+        [run_id, str(spec_path), str(result_path), str(log_path) if log_path else None],
+    )
+
+
+async def requeue_registration(conn: psycopg.AsyncConnection, run_id: int) -> str:
+    """`atlasd register RUN_ID`: a failed (or pending) registration is due again now with its
+    attempts reset; a finished run with a result and no registration row gets one. Returns what
+    was done ("re-queued" | "queued"); :class:`RegistrationRefused` when nothing applies."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT state, model_version FROM atlasd.registrations WHERE run_id = %s FOR UPDATE", [run_id])
+        row = await cur.fetchone()
+        if row is not None:
+            if row[0] == "done":
+                raise RegistrationRefused(f"run {run_id} is already registered: model version {row[1]}" if row[1]
+                                          else f"run {run_id} is already logged in MLflow (a failed run has no "
+                                          "model version)")
+            await conn.execute(
+                """UPDATE atlasd.registrations SET state = 'pending', attempts = 0, next_attempt_at = now(),
+                          updated_at = now() WHERE run_id = %s""", [run_id])
+            return "re-queued"
+        cur = await conn.execute("SELECT state, output_dir FROM atlasd.runs WHERE id = %s", [run_id])
+        run = await cur.fetchone()
+        if run is None:
+            raise RegistrationRefused(f"no run {run_id}")
+        if run[0] not in ("succeeded", "failed"):
+            raise RegistrationRefused(f"run {run_id} is {run[0]}: only a finished run (succeeded, or failed with "
+                                      "a result) is registered")
+        files = run_files(run[1], run_id) if run[1] else None
+        if files is None or not files[1].is_file():
+            raise RegistrationRefused(f"run {run_id} left no result.json: nothing to register")
+        await queue_registration(conn, run_id, *files)
+        return "queued"
+
+
+async def list_registrations(conn: psycopg.AsyncConnection, states: list[str] | None = None) -> list[dict]:
+    """`atlasd registrations`: newest run first, with its policy and run state."""
+    cur = await conn.execute(
+        """SELECT g.run_id, r.policy, r.gear, r.state AS run_state, g.state, g.attempts, g.next_attempt_at,
+                  g.last_error, g.model_version, g.decision, g.updated_at
+             FROM atlasd.registrations g JOIN atlasd.runs r ON r.id = g.run_id
+            WHERE %(states)s::text[] IS NULL OR g.state = ANY(%(states)s)
+            ORDER BY g.run_id DESC""", {"states": states})
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+
 async def finalize_run(settings: Settings, run_id: int, spec_path: str | Path, result_path: str | Path,
                        log_path: str | Path | None = None) -> dict:
     """Log run ``run_id`` in MLflow, register its checkpoint and run the gate, exactly once.
@@ -244,8 +334,11 @@ async def finalize_run(settings: Settings, run_id: int, spec_path: str | Path, r
                           next_attempt_at = now() + make_interval(secs => %s) WHERE run_id = %s""",
                 [state, attempts, outcome.error[:4000], min(30 * 2 ** (attempts - 1), 3600), run_id],
             )
-            log.warning("registration deferred" if state == "pending" else "registration failed",
-                        exit_code=outcome.code, attempts=attempts, error=outcome.error[:500])
+            if state == "pending":
+                log.warning("registration deferred", exit_code=outcome.code, attempts=attempts, error=outcome.error[:500])
+            else:
+                log.error("registration failed; `atlasd register RUN_ID` re-queues it", exit_code=outcome.code,
+                          attempts=attempts, error=outcome.error[:500])
             return {"state": state, **outcome.payload}
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, run_id])
@@ -289,28 +382,36 @@ async def retry_pending(settings: Settings) -> list[dict]:
 
 
 class RegistrationRetrier:
-    """Daemon component: retries due registrations every ``poll_interval_s``."""
+    """Daemon component: registers finished runs, at once when the runner hands one over
+    (:meth:`kick`) and every ``poll_interval_s`` (due retries, `atlasd register`), not while the
+    daemon re-takes its lock. Stopping kills a registry child in flight; its row stays pending
+    and a retry finds what it did (by run id)."""
 
     name = "registrations"
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._task: asyncio.Task | None = None
+        self._kicked = asyncio.Event()
 
     async def start(self, daemon: Any) -> None:
-        self._task = asyncio.create_task(self._loop(daemon.stopping))
+        self._task = asyncio.create_task(self._loop(daemon.stopping, daemon.lock_held))
 
-    async def _loop(self, stopping: asyncio.Event) -> None:
+    def kick(self) -> None:
+        """A registration row was queued: look now."""
+        self._kicked.set()
+
+    async def _loop(self, stopping: asyncio.Event, lock_held: asyncio.Event) -> None:
         log = get_logger("registry")
         while not stopping.is_set():
+            await lock_held.wait()
+            self._kicked.clear()
             try:
                 await retry_pending(self.settings)
             except Exception as exc:  # noqa: BLE001 - the database may be away; next round retries
                 log.warning("registration retry failed", error=redact_url(str(exc)))
-            try:
-                await asyncio.wait_for(stopping.wait(), self.settings.poll_interval_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kicked.wait(), self.settings.poll_interval_s)
 
     async def on_intake(self, recorded: int) -> None:
         return None

@@ -1,9 +1,15 @@
 """The run queue (``atlasd.runs``): one GPU slot, runs claimed in priority order.
 
-States: ``queued -> running -> succeeded | failed | interrupted``; ``queued | running -> cancelled``.
+States: ``queued -> running -> succeeded | failed | interrupted``; ``queued | running -> cancelled``;
+``running -> queued`` when a start is deferred (:func:`defer`).
 The database enforces at most one ``running`` row (partial unique index ``runs_one_running``)
 and at most one queued batch-triggered run per policy and gear (``runs_one_queued_batch``), so
-no race between callers can break either rule.
+no race between callers can break either rule. A run is never queued without new traces
+(:class:`EmptyWindow`).
+
+A failed or interrupted run records its ``follow_up`` (``retry``, ``resume``, ``none``) in the
+transaction that writes its outcome, together with the follow-up run itself; NULL means
+undecided (see :func:`undecided_runs`).
 
 Every function takes a ``psycopg.AsyncConnection`` and runs in its own transaction (a savepoint
 when the caller already has one open). The daemon's runner calls them from its asyncio loop;
@@ -23,6 +29,7 @@ from pydantic import BaseModel
 
 State = Literal["queued", "running", "succeeded", "failed", "interrupted", "cancelled"]
 TriggerSource = Literal["batch", "cron", "catch-up", "manual", "retry", "resume"]
+FollowUp = Literal["retry", "resume", "none"]
 STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "interrupted", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "interrupted", "cancelled"})
 
@@ -60,10 +67,18 @@ class Run(BaseModel):
     cancel_requested_at: datetime | None
     model_version: str | None
     registered_at: datetime | None
+    progress_at: datetime | None
+    not_before: datetime | None
+    deferrals: int
+    follow_up: FollowUp | None
 
 
 class QueueError(ValueError):
     """A queue operation that does not apply to this run (unknown id, wrong state); safe to show."""
+
+
+class EmptyWindow(QueueError):
+    """Refused: the window holds no new trace that passes the gear's filters (nothing to train on)."""
 
 
 @dataclass(frozen=True)
@@ -94,18 +109,40 @@ SELECT policy, gear, %(trigger)s, priority, window_lo, window_hi, n_traces, sche
   FROM atlasd.runs WHERE id = %(id)s AND state IN ('failed', 'interrupted')
 RETURNING {_COLUMNS}"""
 
-# Highest priority first, then oldest; SKIP LOCKED lets concurrent claimers pass each other, and
-# the unique index turns a second concurrent claim into a UniqueViolation (caught: None).
+# Highest priority first, then oldest, skipping deferred runs; SKIP LOCKED lets concurrent claimers
+# pass each other, and the unique index turns a second concurrent claim into a UniqueViolation (caught: None).
 _CLAIM = f"""
 UPDATE atlasd.runs
-   SET state = 'running', started_at = now(), heartbeat_at = now()
+   SET state = 'running', started_at = now(), heartbeat_at = now(), progress_at = now(), not_before = NULL
  WHERE state = 'queued' AND id = (
        SELECT id FROM atlasd.runs
-        WHERE state = 'queued' AND NOT EXISTS (SELECT 1 FROM atlasd.runs r WHERE r.state = 'running')
+        WHERE state = 'queued' AND (not_before IS NULL OR not_before <= now())
+          AND NOT EXISTS (SELECT 1 FROM atlasd.runs r WHERE r.state = 'running')
         ORDER BY priority DESC, id
         LIMIT 1
           FOR UPDATE SKIP LOCKED)
 RETURNING {_COLUMNS}"""
+
+# Back to the queue, not before now() + delay; the attempt is unchanged (no retry spent).
+_DEFER = f"""
+UPDATE atlasd.runs
+   SET state = 'queued', started_at = NULL, heartbeat_at = NULL, progress_at = NULL, pid = NULL, pgid = NULL,
+       host = NULL, not_before = now() + make_interval(secs => %(delay_s)s), deferrals = deferrals + 1,
+       error = %(error)s
+ WHERE id = %(id)s AND state = 'running'
+RETURNING {_COLUMNS}"""
+
+# A deferred batch run whose gear queued a new batch run meanwhile: the queued one takes its window
+# (the windows are adjacent: the cadence advanced past this one) and its deferral.
+_MERGE_DEFERRED = f"""
+UPDATE atlasd.runs q
+   SET window_lo = LEAST(q.window_lo, r.window_lo), n_traces = q.n_traces + r.n_traces,
+       coalesced = q.coalesced + r.coalesced + 1, deferrals = q.deferrals + 1, error = %(error)s,
+       not_before = GREATEST(COALESCE(q.not_before, now()), now() + make_interval(secs => %(delay_s)s))
+  FROM atlasd.runs r
+ WHERE r.id = %(id)s AND r.state = 'running' AND q.policy = r.policy AND q.gear = r.gear
+   AND q.state = 'queued' AND q.trigger = 'batch'
+RETURNING {", ".join("q." + c for c in Run.model_fields)}"""
 
 _RECORD_PROCESS = f"""
 UPDATE atlasd.runs
@@ -115,17 +152,47 @@ UPDATE atlasd.runs
  WHERE id = %(id)s AND state = 'running'
 RETURNING {_COLUMNS}"""
 
+_RECORD_SPEC = f"""
+UPDATE atlasd.runs SET output_dir = %(output_dir)s, spec = %(spec)s, champion_version = %(champion_version)s
+ WHERE id = %(id)s AND state = 'running'
+RETURNING {_COLUMNS}"""
+
 _HEARTBEAT = f"""
-UPDATE atlasd.runs SET heartbeat_at = now(), metrics = COALESCE(%(metrics)s, metrics)
+UPDATE atlasd.runs
+   SET heartbeat_at = now(), metrics = COALESCE(%(metrics)s, metrics),
+       progress_at = COALESCE(now() - make_interval(secs => %(progress_age_s)s), progress_at)
  WHERE id = %(id)s AND state = 'running'
 RETURNING {_COLUMNS}"""
 
 _FINISH = f"""
 UPDATE atlasd.runs
    SET state = %(state)s, finished_at = now(), error = %(error)s,
-       result = COALESCE(%(result)s, result), exit_code = COALESCE(%(exit_code)s, exit_code)
+       result = COALESCE(%(result)s, result), exit_code = COALESCE(%(exit_code)s, exit_code),
+       follow_up = %(follow_up)s
  WHERE id = %(id)s AND state = ANY(%(from_states)s)
 RETURNING {_COLUMNS}"""
+
+_DECIDE = f"""
+UPDATE atlasd.runs SET follow_up = %(follow_up)s
+ WHERE id = %(id)s AND state IN ('failed', 'interrupted') AND follow_up IS NULL
+RETURNING {_COLUMNS}"""
+
+_UNDECIDED = f"""
+SELECT {_COLUMNS} FROM atlasd.runs
+ WHERE state IN ('failed', 'interrupted') AND follow_up IS NULL ORDER BY id"""
+
+_UNREGISTERED = f"""
+SELECT {_COLUMNS} FROM atlasd.runs r
+ WHERE state = 'succeeded' AND model_version IS NULL
+   AND NOT EXISTS (SELECT 1 FROM atlasd.registrations g WHERE g.run_id = r.id)
+ ORDER BY id"""
+
+_RECONCILED = """
+INSERT INTO atlasd.runner_state (reconciled_at, repaired, last_repaired_at)
+VALUES (now(), %(repaired)s, CASE WHEN %(repaired)s > 0 THEN now() END)
+ON CONFLICT (singleton) DO UPDATE
+   SET reconciled_at = now(), repaired = runner_state.repaired + EXCLUDED.repaired,
+       last_repaired_at = COALESCE(EXCLUDED.last_repaired_at, runner_state.last_repaired_at)"""
 
 _REQUEST_CANCEL = f"""
 UPDATE atlasd.runs SET cancel_requested_at = COALESCE(cancel_requested_at, now())
@@ -177,7 +244,13 @@ async def enqueue(
     With ``coalesce`` (batch gears), a queued batch-triggered run of the same gear is widened to
     ``window_hi`` instead (its n_traces grows, ``coalesced`` counts the merge); cron runs are
     queued with ``coalesce=False`` and so are never merged or dropped.
+
+    Raises :class:`EmptyWindow` (nothing written) when ``n_traces`` is 0: such a run could only fail,
+    ``max_retries + 1`` times. The caller leaves the window unconsumed and shows the reason.
     """
+    if n_traces <= 0:
+        raise EmptyWindow(f"no new traces for {policy}/{gear} in window ({window_lo}, {window_hi}] that pass "
+                          "its filters: nothing to train on, no run queued")
     params = {
         "policy": policy,
         "gear": gear,
@@ -197,8 +270,8 @@ async def enqueue(
 
 
 async def enqueue_followup(conn: psycopg.AsyncConnection, run_id: int, trigger: Literal["retry", "resume"]) -> Run:
-    """Queue a retry (same window, from scratch) or a resume (same window, continue from the run's
-    checkpoint; the runner points it at the parent's output_dir) of a failed/interrupted run.
+    """Queue a retry or a resume (same window) of a failed/interrupted run; the runner continues
+    either from the parent's last checkpoint, in its output_dir, when the parent got that far.
     The new run has ``attempt = parent.attempt + 1`` and ``parent_run_id``; the caller checks the
     policy's ``retry.max_retries`` / ``resume_interrupted`` against ``attempt`` first."""
     async with conn.transaction():
@@ -216,6 +289,33 @@ async def claim_next(conn: psycopg.AsyncConnection) -> Run | None:
             return await _one(conn, _CLAIM, {})
     except psycopg.errors.UniqueViolation:
         return None
+
+
+async def defer(conn: psycopg.AsyncConnection, run_id: int, error: str, delay_s: float) -> Run:
+    """A running run that could not start (a store it needs is unavailable) goes back to the queue,
+    not claimed for ``delay_s``, without spending an attempt (``deferrals`` counts, ``error`` says
+    why). A batch run whose gear queued another batch run meanwhile is merged into that one
+    instead (returned; this run becomes cancelled, its error naming the run that took its window)."""
+    params = {"id": run_id, "error": error, "delay_s": delay_s}
+    async with conn.transaction():
+        try:
+            async with conn.transaction():
+                return await _transition(conn, _DEFER, params, run_id, "defer", ("running",))
+        except psycopg.errors.UniqueViolation:
+            merged = await _one(conn, _MERGE_DEFERRED, params)
+            if merged is None:
+                raise
+            await mark_cancelled(conn, run_id, f"merged into queued run {merged.id} (its start was deferred: {error})")
+            return merged
+
+
+async def record_spec(
+    conn: psycopg.AsyncConnection, run_id: int, *, output_dir: str, spec: Any, champion_version: str | None
+) -> Run:
+    """The runner is about to start the child of a running run: where it writes and what it runs
+    (a retry of the run resumes from there even if the child's process is never recorded)."""
+    params = {"id": run_id, "output_dir": str(output_dir), "spec": _json(spec), "champion_version": champion_version}
+    return await _transition(conn, _RECORD_SPEC, params, run_id, "record the spec of", ("running",))
 
 
 async def record_process(
@@ -242,10 +342,12 @@ async def record_process(
     return await _transition(conn, _RECORD_PROCESS, params, run_id, "record the process of", ("running",))
 
 
-async def heartbeat(conn: psycopg.AsyncConnection, run_id: int, metrics: dict[str, Any] | None = None) -> Run:
-    """Refresh heartbeat_at (and the latest metrics). The returned run's ``cancel_requested_at``
-    tells the runner that `atlasd cancel` asked to stop it."""
-    params = {"id": run_id, "metrics": _json(metrics)}
+async def heartbeat(
+    conn: psycopg.AsyncConnection, run_id: int, metrics: dict[str, Any] | None = None, progress_age_s: float | None = None
+) -> Run:
+    """Refresh heartbeat_at (and the latest metrics; ``progress_at`` = now - ``progress_age_s``).
+    The returned run's ``cancel_requested_at`` tells the runner that `atlasd cancel` asked to stop it."""
+    params = {"id": run_id, "metrics": _json(metrics), "progress_age_s": progress_age_s}
     return await _transition(conn, _HEARTBEAT, params, run_id, "heartbeat", ("running",))
 
 
@@ -256,15 +358,21 @@ async def mark_succeeded(
 
 
 async def mark_failed(
-    conn: psycopg.AsyncConnection, run_id: int, error: str, *, result: Any = None, exit_code: int | None = None
+    conn: psycopg.AsyncConnection, run_id: int, error: str, *, result: Any = None, exit_code: int | None = None,
+    follow_up: FollowUp | None = None,
 ) -> Run:
-    return await _finish(conn, run_id, "failed", ("running",), error=error, result=result, exit_code=exit_code)
+    """``follow_up``: what the caller decided (None: undecided); it queues a retry in the same transaction."""
+    return await _finish(conn, run_id, "failed", ("running",), error=error, result=result, exit_code=exit_code,
+                         follow_up=follow_up)
 
 
 async def mark_interrupted(
-    conn: psycopg.AsyncConnection, run_id: int, error: str, *, result: Any = None, exit_code: int | None = None
+    conn: psycopg.AsyncConnection, run_id: int, error: str, *, result: Any = None, exit_code: int | None = None,
+    follow_up: FollowUp | None = None,
 ) -> Run:
-    return await _finish(conn, run_id, "interrupted", ("running",), error=error, result=result, exit_code=exit_code)
+    """``follow_up``: what the caller decided (None: undecided); it queues a resume in the same transaction."""
+    return await _finish(conn, run_id, "interrupted", ("running",), error=error, result=result, exit_code=exit_code,
+                         follow_up=follow_up)
 
 
 async def mark_cancelled(
@@ -286,6 +394,37 @@ async def cancel(conn: psycopg.AsyncConnection, run_id: int) -> Run:
         if run.state == "running":
             return await _transition(conn, _REQUEST_CANCEL, {"id": run_id}, run_id, "cancel", ("running",))
         raise QueueError(f"run {run_id} is already {run.state}; nothing to cancel")
+
+
+async def decide_follow_up(conn: psycopg.AsyncConnection, run_id: int, follow_up: FollowUp) -> Run | None:
+    """Record the follow-up of an undecided failed/interrupted run and queue it (retry/resume), in
+    one transaction. Returns the queued run (None for ``none``); QueueError if already decided."""
+    async with conn.transaction():
+        if await _one(conn, _DECIDE, {"id": run_id, "follow_up": follow_up}) is None:
+            run = await get_run(conn, run_id)
+            if run is not None and run.follow_up is not None:
+                raise QueueError(f"the follow-up of run {run_id} is already decided: {run.follow_up}")
+            raise QueueError(await _why_not(conn, run_id, "decide the follow-up of", ("failed", "interrupted")))
+        return None if follow_up == "none" else await enqueue_followup(conn, run_id, follow_up)
+
+
+async def undecided_runs(conn: psycopg.AsyncConnection) -> list[Run]:
+    """Failed/interrupted runs whose follow-up was left undecided (their policy was not loaded)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_UNDECIDED)
+        return [Run(**row) for row in await cur.fetchall()]
+
+
+async def unregistered_runs(conn: psycopg.AsyncConnection) -> list[Run]:
+    """Succeeded runs with neither a model version nor an ``atlasd.registrations`` row."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_UNREGISTERED)
+        return [Run(**row) for row in await cur.fetchall()]
+
+
+async def record_reconcile(conn: psycopg.AsyncConnection, repaired: int) -> None:
+    """The runner's reconcile completed (``atlasd.runner_state``), having completed ``repaired`` runs."""
+    await conn.execute(_RECONCILED, {"repaired": repaired})
 
 
 async def get_run(conn: psycopg.AsyncConnection, run_id: int) -> Run | None:
@@ -321,6 +460,7 @@ async def _finish(
     error: str | None,
     result: Any,
     exit_code: int | None,
+    follow_up: FollowUp | None = None,
 ) -> Run:
     params = {
         "id": run_id,
@@ -329,6 +469,7 @@ async def _finish(
         "error": error,
         "result": _json(result),
         "exit_code": exit_code,
+        "follow_up": follow_up,
     }
     return await _transition(conn, _FINISH, params, run_id, f"mark {state}", from_states)
 

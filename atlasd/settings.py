@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     stale_heartbeat_s: float = Field(
         default=120.0, gt=0, description="A running child silent this long is stopped and its run marked failed."
     )
+    stale_progress_s: float = Field(
+        default=1800.0, gt=0,
+        description="A running child with no progress this long (no step, phase or eval batch; heartbeats alone do "
+        "not count: a hung main thread) is stopped and its run marked failed.",
+    )
 
     # registry child (python -m registry) and promotion hooks
     registry_source: Literal["artifacts", "path"] = Field(

@@ -1,19 +1,23 @@
 """What `atlasd status` reports, as a dict. Later parts add their own keys (policies, runs,
 champion) by extending :func:`collect_status`; each section is one small query.
 
+``problems`` lists, in words, what needs an operator: a NOTIFY trigger missing or disabled on
+``public.sessions`` (the daemon then sees approvals only by its slow poll) and every part the
+running daemon reported degraded (``daemon.degraded``: reconnecting, re-taking its lock, retrying).
+
 The same dict feeds the Prometheus endpoint (:mod:`atlasd.metrics`), and :func:`status_line`
 is the daemon's one-line ``STATUS=`` for systemd."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from atlasd.cadence import catchup_window, plan_gear_sync, status_sections, utc_now
-from atlasd.listener import CHANNEL
+from atlasd.listener import CHANNEL, TRIGGER_STATES
 from atlasd.lock import DAEMON_LOCK_KEY, HEARTBEAT_STALE_S
 from atlasd.policies import Policy
 from atlasd.promotions import champions
@@ -23,13 +27,22 @@ from atlasd.settings import Settings
 
 def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, Any]:
     daemon = _daemon(conn)
+    triggers = notify_triggers(conn)
+    problems = [f"NOTIFY trigger {name} is {state} on public.sessions: the daemon sees approvals only by its "
+                f"slow poll; re-create it from atlasd/db/migrations/0001_intake.sql"
+                for name, state in triggers.items() if state != "enabled"]
+    problems += [f"daemon degraded: {d['part']} {d['state']} for {d['for_s']:.0f}s ({d['error']})"
+                 for d in daemon["degraded"] if d["part"] != "notify-trigger"]  # the line above says it
     return {
         "database": settings.dsn_redacted,
+        "problems": problems,
         "intake": _intake(conn),
         "listener": {
             "connected": daemon.pop("listener_connected"),
             "channel": CHANNEL,
             "notify_queue_usage": conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0],
+            "notify_trigger": triggers,
+            "notify_trigger_ok": all(state == "enabled" for state in triggers.values()),
         },
         "daemon": daemon,
         "champion": champions(conn),  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
@@ -67,6 +80,13 @@ def status_line(conn: psycopg.Connection, settings: Settings, policies: Iterable
         parts.append("champion " + ", ".join(f"{policy} v{c['version']}" for policy, c in champ.items()))
     conn.rollback()  # end the read transaction
     return "; ".join(parts)
+
+
+def notify_triggers(conn: psycopg.Connection) -> dict[str, str]:
+    """{trigger: "enabled" | "disabled" | "missing"} for the triggers that wake the listener."""
+    states = conn.execute(TRIGGER_STATES).fetchone()[0]
+    conn.rollback()
+    return states
 
 
 def _training(conn: psycopg.Connection) -> dict[str, Any]:
@@ -154,14 +174,22 @@ def _daemon(conn: psycopg.Connection) -> dict[str, Any]:
     ).fetchone()[0]
     row = conn.execute(
         """SELECT pid, host, version, started_at, heartbeat_at, extract(epoch FROM now() - heartbeat_at),
-                  listener_connected, last_reconcile_at, stopped_at
+                  listener_connected, last_reconcile_at, extract(epoch FROM now() - last_reconcile_at),
+                  stopped_at, degraded
              FROM atlasd.daemon_state"""
     ).fetchone()
     conn.rollback()
     if row is None:
-        return {"running": lock_held, "listener_connected": False}
-    pid, host, version, started_at, heartbeat_at, age, listener_connected, last_reconcile_at, stopped_at = row
+        return {"running": lock_held, "listener_connected": False, "last_reconcile_age_s": None, "degraded": []}
+    (pid, host, version, started_at, heartbeat_at, age, listener_connected, last_reconcile_at, reconcile_age,
+     stopped_at, degraded) = row
     alive = lock_held and stopped_at is None and float(age) <= HEARTBEAT_STALE_S
+    # as of the last heartbeat (heartbeat_age_s ago); a daemon that stopped cleanly left none
+    degraded = [] if stopped_at is not None else [
+        {**d, "for_s": round(d["down_s"] + float(age), 1),
+         "since": _iso(heartbeat_at - timedelta(seconds=d["down_s"]))}
+        for d in degraded
+    ]
     return {
         "running": alive,
         "lock_held": lock_held,
@@ -172,6 +200,8 @@ def _daemon(conn: psycopg.Connection) -> dict[str, Any]:
         "heartbeat_at": _iso(heartbeat_at),
         "heartbeat_age_s": round(float(age), 1),
         "last_reconcile_at": _iso(last_reconcile_at),
+        "last_reconcile_age_s": None if reconcile_age is None else round(float(reconcile_age), 1),
+        "degraded": degraded,
         "stopped_at": _iso(stopped_at),
         "listener_connected": bool(alive and listener_connected),
     }

@@ -150,14 +150,21 @@ async def test_cron_fires_on_its_tick_then_catches_up_after_downtime(db_url: str
         [run] = await runs(conn)
         assert (run.trigger, run.scheduled_for, run.priority) == ("cron", tick, 10)
 
-        # the daemon is down over the next Sunday and back 5 hours later: one catch-up run
-        clock.now = tick + timedelta(days=7, hours=5)
+        # no new trace by the next Sunday: the tick is skipped (an empty-window run could only fail)
+        clock.now = tick + timedelta(days=7, seconds=2)
+        empty = await evaluate()
+        assert empty.action == "skip" and "no new traces" in empty.reason and len(await runs(conn)) == 1
+
+        # the daemon is down over the Sunday after and back 5 hours later: one catch-up run
+        await record(conn, 2, reward=0.95)
+        clock.now = tick + timedelta(days=14, hours=5)
         caught = await evaluate()
         assert (caught.action, caught.trigger) == ("enqueue", "catch-up")
-        assert (await runs(conn))[-1].scheduled_for == tick + timedelta(days=7)
+        assert (await runs(conn))[-1].scheduled_for == tick + timedelta(days=14)
         assert (await evaluate()).action == "none"
 
-        # down for three weeks: the latest missed tick is 2 days old, beyond the 1-day window
+        # down for two weeks: the latest missed tick is 2 days old, beyond the 1-day window
+        await record(conn, 1, reward=0.95)
         clock.now = tick + timedelta(days=28 + 2)
         planned = await evaluate_gear(conn, policy, "hq", now=clock(), catchup_window=DAY, apply=False)
         assert planned.action == "skip" and "older than the catch-up window" in planned.reason
@@ -175,6 +182,7 @@ async def test_several_missed_ticks_coalesce_into_one_catch_up_run(db_url: str) 
     clock = Clock(utc(2026, 5, 1, 0))
     async with await aconn(db_url) as conn:
         await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY * 3)
+        await record(conn, 2)
         clock.now = utc(2026, 5, 3, 9)  # 1st, 2nd and 3rd 01:30 missed
         p = await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY * 3)
         assert (p.action, p.trigger) == ("enqueue", "catch-up")

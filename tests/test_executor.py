@@ -1,4 +1,5 @@
-"""The local executor with real child processes: JSON lines, exit status, SIGTERM/SIGKILL, orphan reaping."""
+"""The local executor with real child processes: JSON lines (over-long ones skipped), a log that cannot be
+written, exit status, SIGTERM/SIGKILL, orphan reaping."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasd.executor import LocalExecutor, parse_event
+from atlasd.executor import LocalExecutor, _group_exists, parse_event
 
 CHILD = textwrap.dedent(
     """
@@ -36,6 +37,16 @@ CHILD = textwrap.dedent(
         out(event="step", step=1)
         while True:
             time.sleep(0.05)
+    if mode == "long":
+        out(event="step", step=1)
+        sys.stdout.write("{" + "x" * (9 << 20) + "}\\n")
+        sys.stdout.write("y" * (9 << 20))  # the last line, over-long, without its newline
+        sys.stdout.flush()
+        sys.exit(0)
+    if mode == "chatty":
+        for step in range(2000):
+            out(event="step", step=step, pad="z" * 200)
+        sys.exit(0)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         out(event="step", step=1)
@@ -103,6 +114,32 @@ async def test_cancel_kills_a_child_that_ignores_sigterm(child: Path, tmp_path: 
     info = await ex.cancel(handle, grace_s=0.5)
     assert info.signal == signal.SIGKILL and info.describe() == "killed by signal SIGKILL"
     assert time.monotonic() - started < 5
+
+
+async def test_an_over_long_line_is_skipped_not_an_error(child: Path, tmp_path: Path) -> None:
+    ex = _executor(child)
+    handle = await ex.submit(6, _spec(tmp_path, "long"), tmp_path / "run6", os.environ)
+    events = [e async for e in ex.events(handle)]
+    assert (await ex.wait(handle)).returncode == 0
+    assert events == [
+        {"event": "step", "step": 1},
+        {"event": "output_skipped", "bytes": (9 << 20) + 3, "reason": "a stdout line longer than 8388608 bytes was skipped"},
+        {"event": "output_skipped", "bytes": 9 << 20, "reason": "a stdout line longer than 8388608 bytes was skipped"},
+    ]
+    assert handle.stdout_log.read_text() == '{"event": "step", "step": 1}\n'
+
+
+async def test_a_log_that_cannot_be_written_raises_from_events(child: Path, tmp_path: Path) -> None:
+    """ENOSPC on stdout.jsonl is the caller's to handle (the runner stops the child): never silent."""
+    run_dir = tmp_path / "run7"
+    run_dir.mkdir()
+    (run_dir / "stdout.jsonl").symlink_to("/dev/full")
+    ex = _executor(child)
+    handle = await ex.submit(7, _spec(tmp_path, "chatty"), run_dir, os.environ)
+    with pytest.raises(OSError, match="No space left on device"):
+        [e async for e in ex.events(handle)]
+    info = await ex.cancel(handle, grace_s=5)  # nobody reads its pipe any more: the group is stopped all the same
+    assert info.returncode is not None and not _group_exists(handle.pgid)
 
 
 async def test_reap_an_orphan_by_process_group(child: Path, tmp_path: Path) -> None:

@@ -138,3 +138,44 @@ def test_registration_retried_after_store_unavailable(env: Path, db_url: str, ti
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     assert len(client.search_model_versions("name = 'atlasd-p1'")) == 1
     assert [r[:3] for r in audit(db_url)] == [("promote", None, "1")]
+
+
+def test_a_failed_registration_is_visible_and_register_requeues_it(env: Path, db_url: str, tiny_student, capsys) -> None:  # noqa: F811
+    settings = load_settings()
+    add_run(db_url, 1)
+    paths = make_run(env, tiny_student, 1, settings.tracking_uri)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("""INSERT INTO atlasd.registrations (run_id, spec_path, result_path, log_path, state, attempts,
+                                                          last_error)
+                        VALUES (1, %s, %s, %s, 'failed', 10, 'store unavailable for 3 h')""", [str(p) for p in paths])
+    assert main(["registrations", "--json", "--state", "failed"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["run_id"], row["policy"], row["state"], row["attempts"]) == (1, "p1", "failed", 10)
+    assert main(["register", "1"]) == 0
+    assert "registration of run 1 re-queued" in capsys.readouterr().out
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT state, attempts, next_attempt_at <= now() FROM atlasd.registrations").fetchall() == [
+            ("pending", 0, True)]
+    assert [d["state"] for d in asyncio.run(retry_pending(settings))] == ["done"]  # the daemon's next round
+    assert main(["registrations"]) == 0
+    assert "done" in capsys.readouterr().out.splitlines()[1]
+    assert main(["register", "1"]) == 1
+    assert "run 1 is already registered: model version 1" in capsys.readouterr().err
+
+    # a succeeded run without a registration row (it ended before outcome and row were one write)
+    add_run(db_url, 2)
+    spec, result, log = make_run(env, tiny_student, 2, settings.tracking_uri)
+    spec.rename(spec.with_name("run_spec-2.json"))
+    add_run(db_url, 3, state="cancelled")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE atlasd.runs SET output_dir = %s WHERE id = 2", [str(result.parent)])
+    assert main(["register", "2"]) == 0
+    assert "registration of run 2 queued" in capsys.readouterr().out
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT spec_path, result_path, log_path FROM atlasd.registrations WHERE run_id = 2"
+                            ).fetchone() == (str(result.parent / "run_spec-2.json"), str(result),
+                                             str(result.parent / "stdout.jsonl"))
+    assert main(["register", "3"]) == 1
+    assert "run 3 is cancelled: only a finished run" in capsys.readouterr().err
+    assert main(["register", "99"]) == 1
+    assert "no run 99" in capsys.readouterr().err

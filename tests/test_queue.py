@@ -156,3 +156,74 @@ async def test_list_and_counts(db_url: str) -> None:
         assert await queue.list_runs(conn, states=["running"]) == []
         assert await queue.counts_by_state(conn) == {
             "queued": 2, "running": 0, "succeeded": 0, "failed": 0, "interrupted": 0, "cancelled": 0}
+
+
+async def test_an_empty_window_is_refused_and_nothing_is_written(db_url: str) -> None:
+    async with await aconn(db_url) as conn:
+        for trigger in ("cron", "manual", "batch"):
+            with pytest.raises(queue.EmptyWindow, match=r"no new traces for p/fast in window \(7, 7\]"):
+                await add(conn, trigger=trigger, lo=7, hi=7)
+        queued = await add(conn, lo=0, hi=5)
+        with pytest.raises(queue.EmptyWindow):  # nor widened by nothing
+            await add(conn, lo=5, hi=5)
+        assert [(r.id, r.window_hi, r.coalesced) for r in await queue.list_runs(conn)] == [(queued.run.id, 5, 0)]
+
+
+async def test_a_deferred_start_goes_back_to_the_queue_without_spending_an_attempt(db_url: str) -> None:
+    async with await aconn(db_url) as conn:
+        first = (await add(conn, gear="a", trigger="manual")).run
+        other = (await add(conn, gear="b", trigger="manual")).run
+        assert (await queue.claim_next(conn)).id == first.id
+        back = await queue.defer(conn, first.id, "registry unavailable", 30)
+        assert (back.id, back.state, back.attempt, back.deferrals, back.error) == (
+            first.id, "queued", 0, 1, "registry unavailable")
+        assert back.started_at is None and back.not_before is not None
+        assert (await queue.claim_next(conn)).id == other.id  # the deferred run waits its turn
+        await queue.mark_succeeded(conn, other.id)
+        assert await queue.claim_next(conn) is None
+        await conn.execute("UPDATE atlasd.runs SET not_before = now() - interval '1 s' WHERE id = %s", [first.id])
+        claimed = await queue.claim_next(conn)
+        assert (claimed.id, claimed.not_before, claimed.deferrals) == (first.id, None, 1)
+
+
+async def test_a_deferred_batch_run_merges_into_the_batch_run_queued_meanwhile(db_url: str) -> None:
+    async with await aconn(db_url) as conn:
+        first = (await add(conn, lo=0, hi=5)).run
+        assert (await queue.claim_next(conn)).id == first.id
+        later = (await add(conn, lo=5, hi=9)).run  # the gear fired while the first run was starting
+        merged = await queue.defer(conn, first.id, "registry unavailable", 30)
+        assert (merged.id, merged.window_lo, merged.window_hi, merged.n_traces, merged.coalesced, merged.deferrals) == (
+            later.id, 0, 9, 9, 1, 1)
+        assert merged.not_before is not None
+        gone = await queue.get_run(conn, first.id)
+        assert gone.state == "cancelled" and f"merged into queued run {later.id}" in gone.error
+
+
+async def test_follow_ups_are_decided_with_the_outcome_or_later_and_reconcile_queries(db_url: str) -> None:
+    async with await aconn(db_url) as conn:
+        ids = [(await add(conn, gear=g, trigger="manual")).run.id for g in ("a", "b", "c")]
+        for run_id, follow_up in zip(ids, ("retry", None, "none"), strict=True):
+            await queue.claim_next(conn)
+            beat = await queue.heartbeat(conn, run_id, {"step": 3}, progress_age_s=90)
+            assert 85 < (beat.heartbeat_at - beat.progress_at).total_seconds() < 95
+            assert (await queue.heartbeat(conn, run_id)).progress_at == beat.progress_at  # no age: unchanged
+            await queue.mark_failed(conn, run_id, "boom", follow_up=follow_up)
+        assert [r.id for r in await queue.undecided_runs(conn)] == [ids[1]]
+        retry = await queue.decide_follow_up(conn, ids[1], "retry")
+        assert (retry.parent_run_id, retry.trigger, retry.attempt) == (ids[1], "retry", 1)
+        assert await queue.undecided_runs(conn) == []
+        with pytest.raises(queue.QueueError, match=f"follow-up of run {ids[1]} is already decided: retry"):
+            await queue.decide_follow_up(conn, ids[1], "none")
+        with pytest.raises(queue.QueueError, match=r"it is queued \(needs failed or interrupted\)"):
+            await queue.decide_follow_up(conn, retry.id, "none")
+    async with await aconn(db_url) as conn:
+        claimed = await queue.claim_next(conn)
+        await queue.mark_succeeded(conn, claimed.id)
+        assert [r.id for r in await queue.unregistered_runs(conn)] == [claimed.id]
+        await conn.execute("""INSERT INTO atlasd.registrations (run_id, spec_path, result_path)
+                              VALUES (%s, 's', 'r')""", [claimed.id])
+        assert await queue.unregistered_runs(conn) == []
+        await queue.record_reconcile(conn, 2)
+        await queue.record_reconcile(conn, 0)
+        cur = await conn.execute("SELECT repaired, last_repaired_at <= reconciled_at FROM atlasd.runner_state")
+        assert await cur.fetchall() == [(2, True)]

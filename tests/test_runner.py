@@ -105,11 +105,13 @@ def test_runs_end_to_end_and_a_crash_does_not_stop_the_next(db_url, tiny_models,
     hi = seed(db_url)
     bad = enqueue(db_url, "broken", hi)
     good = enqueue(db_url, "math", hi)
-    after = enqueue(db_url, "math", hi)
     with daemon(db_url, policies, tmp_path / "state") as d:
         failed = wait_state(db_url, bad, {"failed", "succeeded"})
         done = wait_state(db_url, good, {"succeeded", "failed"})
         assert done["state"] == "succeeded", done["error"]
+        # registration runs beside the next run (not in the GPU slot): queue the next one once it is done
+        wait_until(lambda: runs(db_url)[good]["model_version"], 120, "the first run's registration")
+        after = enqueue(db_url, "math", hi)
         second = wait_state(db_url, after, {"succeeded", "failed"})
         wait_until(lambda: runs(db_url)[after]["model_version"], 120, "the second run's registration")
         assert d.stop() == 0
@@ -153,6 +155,8 @@ def test_killed_child_fails_and_is_retried_within_the_limit(db_url, tiny_models,
                            30, "the retry run")[0]
         assert retry["trigger"] == "retry" and retry["attempt"] == 1
         row = wait_step(db_url, retry["id"])
+        # it continues the first attempt's folder (its data snapshot; from its last checkpoint, if any)
+        assert row["spec"]["resume"] is True and row["output_dir"] == failed["output_dir"]
         os.kill(row["pid"], signal.SIGKILL)
         wait_state(db_url, retry["id"], {"failed"})
         assert d.stop() == 0

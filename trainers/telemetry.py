@@ -4,6 +4,10 @@ on stderr when a person runs the trainer in a terminal.
 Every line is one JSON object with at least ``event``, ``run_id`` and ``ts`` (unix seconds).
 Events: ``start``, ``dataset``, ``phase``, ``step``, ``heartbeat``, ``eval``, ``checkpoint``,
 ``error``, ``done`` (see README "Training" for the fields). Nothing else is written to stdout.
+
+Progress: ``progress_at`` (unix seconds) is when the main thread last did something: any event but
+a heartbeat, or a step (``advance``). Heartbeats carry it, so the daemon tells a hung main thread
+(heartbeats keep coming, ``progress_at`` stands still) from a slow one.
 """
 
 from __future__ import annotations
@@ -36,13 +40,17 @@ class Telemetry:
         self.phase = "starting"
         self.step = 0
         self.total_steps: int | None = None
+        self.progress_at = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = None
 
     def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps(_clean({"event": event, "run_id": self.run_id, "ts": round(time.time(), 3), **fields}))
+        now = time.time()
+        if event != "heartbeat":
+            self.progress_at = now
+        line = json.dumps(_clean({"event": event, "run_id": self.run_id, "ts": round(now, 3), **fields}))
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -59,7 +67,8 @@ class Telemetry:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            self.emit("heartbeat", phase=self.phase, step=self.step, total_steps=self.total_steps)
+            self.emit("heartbeat", phase=self.phase, step=self.step, total_steps=self.total_steps,
+                      progress_at=round(self.progress_at, 3))
 
     def close(self) -> None:
         self._stop.set()
@@ -82,6 +91,7 @@ class Telemetry:
 
     def advance(self, step: int, **postfix: Any) -> None:
         self.step = step
+        self.progress_at = time.time()
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})

@@ -153,6 +153,8 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     if args.gear not in policy.gears:
         raise CommandError(f"policy {policy.name!r} has no gear {args.gear!r} (gears: {', '.join(policy.gears)})")
     plan = with_db(settings, lambda conn: cadence.trigger_manual(conn, policy, args.gear, settings, cadence.utc_now()))
+    if plan.action not in ("enqueue", "coalesce"):
+        raise CommandError(f"nothing queued for {policy.name}/{args.gear}: {plan.reason}")
     if plan.action == "coalesce":
         print(f"run {plan.run_id} (already queued for {policy.name}/{args.gear}) now covers up to intake seq "
               f"{plan.window_hi}: +{plan.n_traces} traces")

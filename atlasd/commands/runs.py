@@ -1,11 +1,12 @@
-"""`atlasd runs [--json]`, `atlasd runs show ID [--json]`, `atlasd cancel ID` (atlasd/queue.py)."""
+"""`atlasd runs [--json]`, `atlasd runs show ID [--json]`, `atlasd cancel ID` (atlasd/queue.py);
+`atlasd register RUN_ID`, `atlasd registrations [--json]` (atlasd/promotions.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from atlasd import queue
+from atlasd import promotions, queue
 from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.commands.policies import with_db
@@ -31,6 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_cancel)
 
+    p = sub.add_parser(
+        "register",
+        help="re-queue the registration of a finished run (a failed one: attempts reset); the daemon retries it",
+    )
+    p.add_argument("id", type=int, metavar="RUN_ID")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("registrations", help="registrations of finished runs in MLflow: pending, failed, done")
+    p.add_argument("--json", action="store_true", help="JSON on stdout")
+    p.add_argument("--state", action="append", choices=promotions.REGISTRATION_STATES,
+                   help="only registrations in this state (repeatable)")
+    p.set_defaults(func=cmd_registrations)
+
 
 def cmd_runs(args: argparse.Namespace) -> int:
     settings = cli_settings()
@@ -47,7 +61,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             str(r.id),
             r.policy,
             r.gear,
-            r.state + (" (cancel requested)" if r.cancel_requested_at and r.state == "running" else ""),
+            r.state + (" (cancel requested)" if r.cancel_requested_at and r.state == "running" else "")
+            + (f" (deferred to {r.not_before:%H:%M:%S})" if r.not_before and r.state == "queued" else ""),
             r.trigger + (f" #{r.attempt}" if r.attempt else ""),
             f"({r.window_lo}, {r.window_hi}]",
             str(r.n_traces),
@@ -91,4 +106,37 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"run {run.id} cancelled (it was queued)")
     else:
         print(f"run {run.id} is running: cancel requested; the daemon stops its trainer and marks it cancelled")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    settings = cli_settings()
+    try:
+        done = with_db(settings, lambda conn: promotions.requeue_registration(conn, args.id))
+    except promotions.RegistrationRefused as exc:
+        raise CommandError(str(exc)) from None
+    print(f"registration of run {args.id} {done}: the daemon registers it within {settings.poll_interval_s:g} s "
+          "(`atlasd registrations` shows how it went)")
+    return 0
+
+
+def cmd_registrations(args: argparse.Namespace) -> int:
+    settings = cli_settings()
+    rows = with_db(settings, lambda conn: promotions.list_registrations(conn, args.state))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no registrations")
+        return 0
+    header = ("RUN", "POLICY", "GEAR", "RUN STATE", "STATE", "ATTEMPTS", "VERSION", "DECISION", "LAST ERROR")
+    table = [
+        (str(r["run_id"]), r["policy"], r["gear"], r["run_state"],
+         r["state"] + (f" (next {r['next_attempt_at']:%Y-%m-%d %H:%M:%S})" if r["state"] == "pending" else ""),
+         str(r["attempts"]), r["model_version"] or "-", r["decision"] or "-", (r["last_error"] or "-")[:80])
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0

@@ -1,4 +1,5 @@
-"""`atlasd status [--json]`: intake counts, listener and daemon health (from the database)."""
+"""`atlasd status [--json]`: problems first, then intake counts, listener and daemon health (from
+the database)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def render(status: dict) -> str:
-    """A readable table: one section per top-level key, nested dicts indented."""
+    """A readable table: one section per top-level key, nested dicts indented, list items one per line."""
     lines = []
     for section, value in status.items():
         if isinstance(value, dict):
             lines.append(f"{section}:")
             lines.extend(_rows(value, indent=2))
+        elif isinstance(value, list):
+            lines.append(f"{section}:" + ("" if value else " -"))
+            lines.extend(_items(value, indent=2))
         else:
             lines.append(f"{section}: {value}")
     return "\n".join(lines)
@@ -48,6 +52,17 @@ def _rows(data: dict, indent: int) -> list[str]:
         if isinstance(value, dict):
             rows.append(f"{' ' * indent}{key}:" + ("" if value else " -"))
             rows.extend(_rows(value, indent + 2))
+        elif isinstance(value, list):
+            rows.append(f"{' ' * indent}{key}:" + ("" if value else " -"))
+            rows.extend(_items(value, indent + 2))
         else:
             rows.append(f"{' ' * indent}{str(key).ljust(width)}  {'-' if value is None else value}")
     return rows
+
+
+def _items(items: list, indent: int) -> list[str]:
+    """One line per item; a dict item as ``key=value`` pairs."""
+    def text(item) -> str:
+        return ", ".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict) else str(item)
+
+    return [f"{' ' * indent}- {text(item)}" for item in items]
