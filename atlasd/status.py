@@ -33,6 +33,9 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
                 for name, state in triggers.items() if state != "enabled"]
     problems += [f"daemon degraded: {d['part']} {d['state']} for {d['for_s']:.0f}s ({d['error']})"
                  for d in daemon["degraded"] if d["part"] != "notify-trigger"]  # the line above says it
+    registrations = _registrations(conn)
+    problems += [f"registration of run {r['run_id']} failed after {r['attempts']} attempts ({r['last_error']}): "
+                 f"re-queue it with `atlasd register {r['run_id']}`" for r in registrations["failed_runs"]]
     return {
         "database": settings.dsn_redacted,
         "problems": problems,
@@ -47,6 +50,8 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
         "daemon": daemon,
         "champion": champions(conn),  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
         "training": _training(conn),
+        "registrations": registrations,
+        "runner": _runner(conn),
         "promotions": _promotions(conn),
         **status_sections(conn, settings),
     }
@@ -93,8 +98,14 @@ def _training(conn: psycopg.Connection) -> dict[str, Any]:
     """The running run (its step and loss from the runner's last heartbeat) and, per policy and
     gear, when a run last succeeded."""
     row = conn.execute(
-        "SELECT id, policy, gear, started_at, heartbeat_at, metrics FROM atlasd.runs WHERE state = 'running'"
+        """SELECT id, policy, gear, started_at, heartbeat_at, metrics, progress_at,
+                  extract(epoch FROM now() - progress_at)::float8
+             FROM atlasd.runs WHERE state = 'running'"""
     ).fetchone()
+    deferred = conn.execute(
+        """SELECT id, policy, gear, not_before, deferrals, error FROM atlasd.runs
+            WHERE state = 'queued' AND not_before > now() ORDER BY not_before, id"""
+    ).fetchall()
     last = conn.execute(
         """SELECT policy, gear, max(finished_at) FROM atlasd.runs WHERE state = 'succeeded'
             GROUP BY policy, gear ORDER BY policy, gear"""
@@ -102,7 +113,7 @@ def _training(conn: psycopg.Connection) -> dict[str, Any]:
     conn.rollback()
     running = None
     if row is not None:
-        run_id, policy, gear, started_at, heartbeat_at, metrics = row
+        run_id, policy, gear, started_at, heartbeat_at, metrics, progress_at, progress_age = row
         metrics = metrics or {}
         running = {
             "run_id": run_id,
@@ -113,11 +124,47 @@ def _training(conn: psycopg.Connection) -> dict[str, Any]:
             "step": metrics.get("step"),
             "total_steps": metrics.get("total_steps"),
             "loss": metrics.get("loss"),
+            "progress_at": _iso(progress_at),
+            "progress_age_s": progress_age,  # no progress for ATLASD_STALE_PROGRESS_S: stopped as hung
         }
     last_success: dict[str, dict[str, str]] = {}
     for policy, gear, finished_at in last:
         last_success.setdefault(policy, {})[gear] = _iso(finished_at)
-    return {"running": running, "last_success_at": last_success}
+    return {"running": running, "last_success_at": last_success,
+            "deferred": [{"run_id": i, "policy": p, "gear": g, "not_before": _iso(nb), "deferrals": n, "error": e}
+                         for i, p, g, nb, n, e in deferred]}
+
+
+def _registrations(conn: psycopg.Connection) -> dict[str, Any]:
+    """Registrations still to do (pending: retried with backoff) and given up (failed: `atlasd register`)."""
+    counts = dict(conn.execute("SELECT state, count(*) FROM atlasd.registrations GROUP BY state").fetchall())
+    oldest = conn.execute(
+        """SELECT extract(epoch FROM now() - min(created_at))::float8 FROM atlasd.registrations
+            WHERE state = 'pending'"""
+    ).fetchone()[0]
+    failed = conn.execute(
+        "SELECT run_id, attempts, last_error FROM atlasd.registrations WHERE state = 'failed' ORDER BY run_id"
+    ).fetchall()
+    conn.rollback()
+    return {"pending": counts.get("pending", 0), "failed": counts.get("failed", 0), "done": counts.get("done", 0),
+            "oldest_pending_age_s": oldest,
+            "failed_runs": [{"run_id": r, "attempts": a, "last_error": e} for r, a, e in failed]}
+
+
+def _runner(conn: psycopg.Connection) -> dict[str, Any]:
+    """The runner's reconcile (runs left without an outcome, registration or follow-up) and how many
+    failed/interrupted runs still wait for their follow-up decision."""
+    row = conn.execute(
+        """SELECT reconciled_at, extract(epoch FROM now() - reconciled_at)::float8, repaired, last_repaired_at
+             FROM atlasd.runner_state"""
+    ).fetchone()
+    undecided = conn.execute(
+        "SELECT count(*) FROM atlasd.runs WHERE state IN ('failed', 'interrupted') AND follow_up IS NULL"
+    ).fetchone()[0]
+    conn.rollback()
+    reconciled_at, age, repaired, last_repaired_at = row or (None, None, 0, None)
+    return {"reconciled_at": _iso(reconciled_at), "reconcile_age_s": age, "repaired": repaired,
+            "last_repaired_at": _iso(last_repaired_at), "undecided_follow_ups": undecided}
 
 
 def _promotions(conn: psycopg.Connection) -> dict[str, dict[str, int]]:

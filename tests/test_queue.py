@@ -227,3 +227,37 @@ async def test_follow_ups_are_decided_with_the_outcome_or_later_and_reconcile_qu
         await queue.record_reconcile(conn, 0)
         cur = await conn.execute("SELECT repaired, last_repaired_at <= reconciled_at FROM atlasd.runner_state")
         assert await cur.fetchall() == [(2, True)]
+
+
+async def test_status_shows_progress_deferrals_registrations_and_the_runner_reconcile(db_url: str) -> None:
+    """Each fault the runner handles is visible in `atlasd status --json`: the running run's progress
+    age, deferred starts, pending and failed registrations (with the command that re-queues), the last
+    reconcile and undecided follow-ups."""
+    from atlasd import promotions
+    from atlasd.settings import Settings
+    from atlasd.status import collect_status
+
+    async with await aconn(db_url) as conn:
+        deferred = (await add(conn, gear="hq", trigger="cron")).run
+        await queue.claim_next(conn)
+        await queue.defer(conn, deferred.id, "MLflow store unavailable", 600)
+        done = (await add(conn, lo=5, hi=9)).run
+        await queue.claim_next(conn)
+        await queue.mark_succeeded(conn, done.id)
+        await promotions.queue_registration(conn, done.id, "/x/spec.json", "/x/result.json", None)
+        await conn.execute("UPDATE atlasd.registrations SET state = 'failed', attempts = 10, last_error = 'gone' "
+                           "WHERE run_id = %s", (done.id,))
+        running = (await add(conn, lo=9, hi=12)).run
+        assert (await queue.claim_next(conn)).id == running.id
+        await queue.heartbeat(conn, running.id, {"step": 3}, progress_age_s=42.0)
+        await conn.execute("INSERT INTO atlasd.runner_state (reconciled_at) VALUES (now() - interval '7 seconds')")
+    with psycopg.connect(db_url) as sync:
+        status = collect_status(sync, Settings(db_url=db_url))
+    assert status["training"]["running"]["run_id"] == running.id
+    assert 41 <= status["training"]["running"]["progress_age_s"] < 60
+    [d] = status["training"]["deferred"]
+    assert (d["run_id"], d["deferrals"], d["error"]) == (deferred.id, 1, "MLflow store unavailable")
+    regs = status["registrations"]
+    assert (regs["pending"], regs["failed"]) == (0, 1) and regs["failed_runs"][0]["run_id"] == done.id
+    assert any(f"atlasd register {done.id}" in p for p in status["problems"])
+    assert 6 <= status["runner"]["reconcile_age_s"] < 60 and status["runner"]["undecided_follow_ups"] == 0

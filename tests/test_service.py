@@ -227,7 +227,7 @@ def test_ready_waits_for_the_listener_and_the_watchdog_rides_out_reconnects(
             lost = daemon.wait_for("listener connection lost", count=losses + 1)
             wait_until(lambda: any(m["STATUS"].startswith("degraded: listener reconnecting")
                                    for _, m in notify.having("STATUS", after=lost["_t"])), 10, "STATUS=degraded: listener")
-            wait_until(lambda: len(notify.having("WATCHDOG", after=lost["_t"])) >= 3, 5, "pings (one a second)")
+            wait_until(lambda: len(notify.having("WATCHDOG", after=lost["_t"])) >= 3, 10, "pings (one a second)")
             assert daemon.proc.poll() is None
 
             listening = len(daemon.find("listening", component="listener"))
@@ -240,16 +240,16 @@ def test_ready_waits_for_the_listener_and_the_watchdog_rides_out_reconnects(
             # lock connection's heartbeat fails, the daemon keeps pinging while it re-takes the lock
             proxy.refuse(None)
             proxy.cut(None)
-            cut = daemon.wait_for("lock connection lost; re-taking the lock", component="daemon", timeout=15)
+            cut = daemon.wait_for("lock connection lost; re-taking the lock", component="daemon", timeout=30)
             wait_until(lambda: any("lock re-taking the lock" in m["STATUS"]
                                    for _, m in notify.having("STATUS", after=cut["_t"])), 10, "STATUS=degraded: lock")
-            wait_until(lambda: len(notify.having("WATCHDOG", after=cut["_t"])) >= 3, 5, "pings (one a second)")
+            wait_until(lambda: len(notify.having("WATCHDOG", after=cut["_t"])) >= 3, 10, "pings (one a second)")
             assert daemon.proc.poll() is None
 
             # ... and comes back: the same daemon holds the lock again, healthy
             proxy.allow(None)
-            daemon.wait_for("lock re-taken", component="daemon", timeout=15)
-            daemon.wait_for("listening", count=listening + 2, component="listener", timeout=15)
+            daemon.wait_for("lock re-taken", component="daemon", timeout=30)
+            daemon.wait_for("listening", count=listening + 2, component="listener", timeout=30)
             assert sql(db_url, "SELECT pid FROM atlasd.daemon_state") == [(daemon.pid,)]
             assert daemon.stop() == 0
     finally:
