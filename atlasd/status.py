@@ -29,7 +29,7 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
     daemon = _daemon(conn)
     triggers = notify_triggers(conn)
     problems = [f"NOTIFY trigger {name} is {state} on public.sessions: the daemon sees approvals only by its "
-                f"slow poll; re-create it from atlasd/db/migrations/0001_intake.sql"
+                f"slow poll; `atlasd db migrate` re-installs it"
                 for name, state in triggers.items() if state != "enabled"]
     problems += [f"daemon degraded: {d['part']} {d['state']} for {d['for_s']:.0f}s ({d['error']})"
                  for d in daemon["degraded"] if d["part"] != "notify-trigger"]  # the line above says it

@@ -59,3 +59,23 @@ def test_trigger_fires_only_for_ready_rows(db_url: str) -> None:
             "INSERT INTO sessions (task, status, review_status) SELECT 't', 'succeeded', 'approved' FROM generate_series(1, 600)"
         )
         assert [n.payload for n in listener.notifies(timeout=1, stop_after=1)] == ["*"]
+
+
+def test_a_dropped_or_disabled_trigger_shows_in_db_status_and_migrate_brings_it_back(
+        db_url: str, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("ATLASD_DB_URL", db_url)
+    assert main(["db", "status"]) == 0
+    assert "NOTIFY triggers: enabled" in capsys.readouterr().out
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER atlasd_sessions_ready_upd ON public.sessions")
+        conn.execute("ALTER TABLE public.sessions DISABLE TRIGGER atlasd_sessions_ready_ins")
+    assert main(["db", "status"]) == 1
+    out = capsys.readouterr().out
+    assert "atlasd_sessions_ready_upd missing" in out and "atlasd_sessions_ready_ins disabled" in out
+    assert migrate(db_url) == []  # nothing pending, yet the triggers are re-installed
+    assert main(["db", "status"]) == 0
+    assert "NOTIFY triggers: enabled" in capsys.readouterr().out
+    with psycopg.connect(db_url, autocommit=True) as conn:  # and they fire again
+        conn.execute("LISTEN atlasd_traces")
+        conn.execute("INSERT INTO public.sessions (task, status, review_status) VALUES ('t', 'succeeded', 'approved')")
+        assert next(conn.notifies(timeout=5)).channel == "atlasd_traces"

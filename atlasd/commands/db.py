@@ -7,6 +7,7 @@ import argparse
 from atlasd.commands import cli_settings
 from atlasd.db import connect
 from atlasd.db.migrate import applied_versions, available_migrations, init_sdk_schema, migrate, missing_sdk_tables
+from atlasd.status import notify_triggers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,8 +50,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     with connect(settings.dsn) as conn:
         missing = missing_sdk_tables(conn)
         applied = applied_versions(conn)
+        triggers = notify_triggers(conn) if not missing else {}
     print(f"database: {settings.dsn_redacted}")
     print("SDK tables: " + ("present" if not missing else "MISSING " + ", ".join(missing)))
     for m in available_migrations():
         print(f"  {m.version:04d}_{m.name}: {'applied' if m.version in applied else 'pending'}")
-    return 0 if not missing and all(m.version in applied for m in available_migrations()) else 1
+    bad = {name: state for name, state in triggers.items() if state != "enabled"}
+    if triggers:
+        print("NOTIFY triggers: " + ("enabled" if not bad else ", ".join(f"{n} {s}" for n, s in bad.items())
+                                     + " (run `atlasd db migrate` to re-install them)"))
+    return 0 if not missing and not bad and all(m.version in applied for m in available_migrations()) else 1

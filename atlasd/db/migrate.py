@@ -70,8 +70,19 @@ def pending_migrations(conn: psycopg.Connection) -> list[Migration]:
     return [m for m in available_migrations() if m.version not in applied]
 
 
+TRIGGERS_FROM = "CREATE OR REPLACE FUNCTION atlasd.notify_sessions_ready()"
+
+
+def trigger_sql() -> str:
+    """The NOTIFY function and its two triggers exactly as migration 0001 defines them (the one
+    definition): the tail of 0001_intake.sql, idempotent (CREATE OR REPLACE, DROP/CREATE TRIGGER)."""
+    sql = next(m for m in available_migrations() if m.version == 1).sql
+    return sql[sql.index(TRIGGERS_FROM):]
+
+
 def migrate(dsn: str) -> list[Migration]:
-    """Apply every pending migration; return those applied (empty when up to date)."""
+    """Apply every pending migration and re-install the NOTIFY triggers (a trigger dropped or
+    disabled since comes back); return the migrations applied (empty when up to date)."""
     applied_now: list[Migration] = []
     with connect(dsn, application_name="atlasd-migrate") as conn:
         missing = missing_sdk_tables(conn)
@@ -113,6 +124,7 @@ def migrate(dsn: str) -> list[Migration]:
                         f"migration {migration.version:04d}_{migration.name}.sql failed: {exc}"
                     ) from None
                 applied_now.append(migration)
+            conn.execute(trigger_sql())
     return applied_now
 
 
