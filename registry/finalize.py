@@ -131,7 +131,14 @@ def finalize(
     mv = reg.register(name, spec.policy, source, mlflow_run_id, spec.run_id, tags)
     out["model_version"] = str(mv.version)
     champion = reg.alias(name, CHAMPION)
-    if mv.tags.get(TAG_DECISION) or (champion is not None and str(champion.version) == str(mv.version)):
+    rolled_back = mv.tags.get("atlasd.rolled_back_at")
+    if rolled_back:
+        # promoted, then rolled back by an operator: a replay never undoes the rollback, even when the
+        # promotion was interrupted before its decision was tagged
+        out.update(decision=mv.tags.get(TAG_DECISION) or "promote", previous_champion=mv.tags.get(TAG_PREVIOUS) or None,
+                   reason=f"rolled back to v{mv.tags.get('atlasd.rolled_back_to')} at {rolled_back}; not promoted again",
+                   checks=[json.loads(v) for k, v in sorted(mv.tags.items()) if k.startswith("gate.")], replayed=True)
+    elif mv.tags.get(TAG_DECISION) or (champion is not None and str(champion.version) == str(mv.version)):
         # decided by an earlier attempt: report what was recorded (finishing an interrupted promotion)
         decision = mv.tags.get(TAG_DECISION) or "promote"
         if decision == "promote" and mv.tags.get("atlasd.promoted_at") is None:

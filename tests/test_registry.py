@@ -196,6 +196,28 @@ def test_gate_rejects_then_promotes_against_champion_then_rollback(tmp_path, sto
         reg.rollback("atlasd-p1", None)
 
 
+def test_a_replayed_registration_never_undoes_a_rollback(tmp_path, store_dir, tracking_uri, tiny_student) -> None:
+    """Run 2's promotion is interrupted after the alias move, before its decision is tagged; an operator
+    rolls back to v1; the retried registration of run 2 must not promote v2 again (its gate would)."""
+    from mlflow import MlflowClient
+
+    from registry.store import Registry
+
+    reg = Registry(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    s1, r1, _ = make_run(tmp_path, tiny_student, 1, tracking_uri, success=0.7, tokens=60)
+    assert finalize_paths(s1, r1)["champion"] == "1"
+    s2, r2, _ = make_run(tmp_path, tiny_student, 2, tracking_uri, success=0.8, tokens=40)
+    assert finalize_paths(s2, r2)["champion"] == "2"
+    for tag in ("atlasd.decision", "atlasd.promoted_at"):  # as if the child died right after the alias move
+        client.delete_model_version_tag("atlasd-p1", "2", tag)
+    assert reg.rollback("atlasd-p1", None)[:2] == ("2", "1")
+
+    replay = finalize_paths(s2, r2)
+    assert replay["replayed"] is True and "rolled back to v1" in replay["reason"]
+    assert replay["champion"] == "1" and str(reg.alias("atlasd-p1", CHAMPION).version) == "1"
+
+
 def test_champion_on_another_eval_set_is_re_measured_by_the_trainer(tmp_path, store_dir, tracking_uri,
                                                                       tiny_student) -> None:
     """The champion's stored metrics are for another eval set: the gate re-measures it with the real
