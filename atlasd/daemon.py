@@ -95,6 +95,9 @@ class Daemon:
         self.notifier = Notifier()
         self.health = Health("daemon")  # the daemon's own parts: lock, listener, intake, notify-trigger
         self.lock_held = asyncio.Event()  # set while this daemon holds the per-database lock
+        # the machine's GPU(s): held by the runner while a trainer runs, by the registration
+        # component while it re-measures a champion (one GPU job at a time)
+        self.gpu_slot = asyncio.Lock()
         # set (and ``stopping``) when another daemon holds the lock once this one could reconnect:
         # what is left to do belongs to that daemon now (its start-up reconcile)
         self.superseded: LockHeldError | None = None

@@ -15,6 +15,14 @@ Entry points:
   and ``list_registrations`` (`atlasd register RUN_ID`, `atlasd registrations`);
 - ``atlasd status``: ``champions(conn)``, the current champion per policy from the audit table.
 
+One gate at a time per policy: every champion move (a registration's gate, ``atlasd promote
+--force``, ``atlasd rollback``) holds the policy's advisory lock (``policy_lock``) from reading
+the champion to moving the alias and writing the audit row, so two gates never both promote from
+the same champion. A registration whose gate must re-measure the champion on the eval set (the
+champion changed since the run started and carries no score for this eval set) runs that
+measurement in the GPU slot: ``finalize --defer-measure`` answers ``EXIT_NEEDS_GPU`` and the
+retrier calls again holding ``gpu_slot`` (the runner's), never beside a training child.
+
 Registry children fail fast against an unreachable store: MLflow's HTTP client retries twice with a
 30 s request timeout (its default, 7 retries, holds a call ~4 minutes against a server that is down)
 and a PostgreSQL store gets a 10 s connect timeout (``FAIL_FAST_ENV``; the environment can override
@@ -44,9 +52,8 @@ from psycopg.types.json import Jsonb
 
 from atlasd.db import aconnect
 from atlasd.logging import get_logger
-from atlasd.runspec import MlflowTarget
+from atlasd.runspec import EXIT_BAD_INPUT, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE, MlflowTarget
 from atlasd.settings import Settings, redact_url
-from registry import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE
 
 if TYPE_CHECKING:
     from atlasd.policies import Policy
@@ -56,6 +63,9 @@ REGISTRY_TIMEOUT_S = 3600.0  # finalize may upload a large checkpoint or re-meas
 HOOK_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 10  # registration attempts before a run's row is marked failed
 LOCK_CLASS = 0x61746C61  # pg_advisory_lock(LOCK_CLASS, run_id): one finalize per run at a time
+POLICY_LOCK_CLASS = 0x61746C70  # pg_advisory_lock(POLICY_LOCK_CLASS, hashtext(policy)): one champion move at a time
+POLICY_LOCK_WAIT_S = 60.0  # a registration waits this long for another promotion of its policy (then: next round)
+OPERATOR_LOCK_WAIT_S = 300.0  # `atlasd promote/rollback` wait this long for a registration of the policy
 CHAMPION_MOVES = ("promote", "force", "rollback")
 REGISTRATION_STATES = ("pending", "done", "failed")
 FAIL_FAST_ENV = {
@@ -68,6 +78,10 @@ FAIL_FAST_ENV = {
 
 class RegistrationRefused(ValueError):
     """`atlasd register` does not apply to this run (unknown, not finished, already registered); safe to show."""
+
+
+class PolicyBusy(RuntimeError):
+    """Another champion move of the policy holds its lock past the wait; safe to show."""
 
 
 class RegistryCallError(RuntimeError):
@@ -192,13 +206,36 @@ async def _run_hook(settings: Settings, conn: psycopg.AsyncConnection, promotion
     return text
 
 
-async def _audit_operator_action(settings: Settings, payload: dict) -> dict:
+@contextlib.asynccontextmanager
+async def policy_lock(conn: psycopg.AsyncConnection, policy: str, wait_s: float):
+    """Hold ``policy``'s promotion lock (a session advisory lock on ``conn``, autocommit) for the
+    block; :class:`PolicyBusy` when another holder keeps it past ``wait_s``. A connection lost
+    meanwhile releases it on the server."""
+    await conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{max(1, round(wait_s * 1000))}ms"])
+    try:
+        await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [POLICY_LOCK_CLASS, policy])
+    except psycopg.errors.LockNotAvailable:
+        raise PolicyBusy(f"another promotion of policy {policy!r} is in progress (waited {wait_s:g} s); "
+                         "try again") from None
+    finally:
+        await conn.execute("SELECT set_config('lock_timeout', '0', false)")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(psycopg.OperationalError):
+            await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", [POLICY_LOCK_CLASS, policy])
+
+
+async def _operator_action(settings: Settings, policy: str, *args: str) -> dict:
+    """``python -m registry promote|rollback ...`` and its audit row, under the policy's lock."""
     async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
-        async with conn.transaction():
-            pid = await _record(conn, policy=payload["policy"], model=payload["registered_model"],
-                                from_version=payload["from_version"], to_version=payload["to_version"],
-                                action=payload["action"], reason=payload["reason"], checks=payload["checks"],
-                                actor=payload["actor"], notify=settings.promotion_notify)
+        async with policy_lock(conn, policy, OPERATOR_LOCK_WAIT_S):
+            payload = await _call(settings, *args)
+            async with conn.transaction():
+                pid = await _record(conn, policy=payload["policy"], model=payload["registered_model"],
+                                    from_version=payload["from_version"], to_version=payload["to_version"],
+                                    action=payload["action"], reason=payload["reason"], checks=payload["checks"],
+                                    actor=payload["actor"], notify=settings.promotion_notify)
         payload["promotion_id"] = pid
         payload["hook"] = await _run_hook(settings, conn, pid, policy=payload["policy"],
                                           model=payload["registered_model"], version=payload["to_version"],
@@ -224,15 +261,13 @@ async def champion(settings: Settings, policy: str) -> dict:
 
 
 async def force_promote(settings: Settings, policy: str, version: str, reason: str, actor: str) -> dict:
-    payload = await _call(settings, "promote", "--policy", policy, "--version", str(version), "--reason", reason,
-                          "--actor", actor, "--cache-dir", _cache_dir(settings))
-    return await _audit_operator_action(settings, payload)
+    return await _operator_action(settings, policy, "promote", "--policy", policy, "--version", str(version),
+                                  "--reason", reason, "--actor", actor, "--cache-dir", _cache_dir(settings))
 
 
 async def rollback(settings: Settings, policy: str, reason: str, actor: str) -> dict:
-    payload = await _call(settings, "rollback", "--policy", policy, "--reason", reason, "--actor", actor,
-                          "--cache-dir", _cache_dir(settings))
-    return await _audit_operator_action(settings, payload)
+    return await _operator_action(settings, policy, "rollback", "--policy", policy, "--reason", reason,
+                                  "--actor", actor, "--cache-dir", _cache_dir(settings))
 
 
 # ---------------------------------------------------------------- registration of finished runs
@@ -301,30 +336,43 @@ async def list_registrations(conn: psycopg.AsyncConnection, states: list[str] | 
 
 
 async def finalize_run(settings: Settings, run_id: int, spec_path: str | Path, result_path: str | Path,
-                       log_path: str | Path | None = None) -> dict:
-    """Log run ``run_id`` in MLflow, register its checkpoint and run the gate, exactly once.
+                       log_path: str | Path | None = None, gpu_slot: asyncio.Lock | None = None) -> dict:
+    """Log run ``run_id`` in MLflow, register its checkpoint and run the gate, exactly once, under
+    the policy's lock. With ``gpu_slot``, a champion re-measurement waits for (and holds) it.
 
     Returns ``{"state": "done" | "pending" | "failed" | "busy", ...registry output}``. "pending":
     the store was unavailable (or the child failed): retried later by :func:`retry_pending`.
-    "busy": another finalize of this run is in progress."""
+    "busy": another finalize of this run, or a promotion of its policy, is in progress (no
+    attempt spent; the next round tries again)."""
     log = get_logger("registry", run_id=run_id)
     async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
         cur = await conn.execute(
             """INSERT INTO atlasd.registrations (run_id, spec_path, result_path, log_path) VALUES (%s, %s, %s, %s)
                ON CONFLICT (run_id) DO UPDATE SET spec_path = EXCLUDED.spec_path, result_path = EXCLUDED.result_path,
                    log_path = EXCLUDED.log_path, updated_at = now()
-               RETURNING state, attempts, mlflow_run_id, model_version, decision""",
-            [run_id, str(spec_path), str(result_path), str(log_path) if log_path else None],
+               RETURNING state, attempts, mlflow_run_id, model_version, decision,
+                         (SELECT policy FROM atlasd.runs WHERE id = %s)""",
+            [run_id, str(spec_path), str(result_path), str(log_path) if log_path else None, run_id],
         )
-        state, attempts, mlflow_run_id, model_version, decision = await cur.fetchone()
+        state, attempts, mlflow_run_id, model_version, decision, policy = await cur.fetchone()
         if state == "done":
             return {"state": state, "mlflow_run_id": mlflow_run_id, "model_version": model_version, "decision": decision}
         if not (await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, run_id])).fetchone())[0]:
             return {"state": "busy"}
         try:
             args = ["finalize", "--spec", str(spec_path), "--result", str(result_path), "--source", settings.registry_source,
-                    "--artifact-root", str(settings.state_dir.resolve() / "mlartifacts"), "--cache-dir", _cache_dir(settings)]
-            outcome = await run_registry(settings, *args, *(["--log", str(log_path)] if log_path else []))
+                    "--artifact-root", str(settings.state_dir.resolve() / "mlartifacts"), "--cache-dir", _cache_dir(settings),
+                    *(["--log", str(log_path)] if log_path else [])]
+            try:
+                async with policy_lock(conn, policy, POLICY_LOCK_WAIT_S):
+                    outcome = await run_registry(settings, *args, *(["--defer-measure"] if gpu_slot else []))
+                if outcome.code == EXIT_NEEDS_GPU:  # released meanwhile: a training run can take hours
+                    log.info("the champion must be re-measured on this eval set: waiting for the GPU slot")
+                    async with gpu_slot, policy_lock(conn, policy, POLICY_LOCK_WAIT_S):
+                        outcome = await run_registry(settings, *args)
+            except PolicyBusy as exc:
+                log.info("registration waits: another promotion of the policy is in progress", error=str(exc))
+                return {"state": "busy"}
             attempts += 1
             if outcome.code == EXIT_OK:
                 return await _registered(settings, conn, run_id, attempts, outcome.payload, log)
@@ -372,13 +420,13 @@ async def _registered(settings: Settings, conn: psycopg.AsyncConnection, run_id:
     return {"state": "done", **payload}
 
 
-async def retry_pending(settings: Settings) -> list[dict]:
+async def retry_pending(settings: Settings, gpu_slot: asyncio.Lock | None = None) -> list[dict]:
     """Finalize every registration that is due (pending, next_attempt_at passed), oldest run first."""
     async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
         rows = await (await conn.execute(
             """SELECT run_id, spec_path, result_path, log_path FROM atlasd.registrations
                 WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY run_id""")).fetchall()
-    return [await finalize_run(settings, *row) for row in rows]
+    return [await finalize_run(settings, *row, gpu_slot=gpu_slot) for row in rows]
 
 
 class RegistrationRetrier:
@@ -395,19 +443,19 @@ class RegistrationRetrier:
         self._kicked = asyncio.Event()
 
     async def start(self, daemon: Any) -> None:
-        self._task = asyncio.create_task(self._loop(daemon.stopping, daemon.lock_held))
+        self._task = asyncio.create_task(self._loop(daemon.stopping, daemon.lock_held, daemon.gpu_slot))
 
     def kick(self) -> None:
         """A registration row was queued: look now."""
         self._kicked.set()
 
-    async def _loop(self, stopping: asyncio.Event, lock_held: asyncio.Event) -> None:
+    async def _loop(self, stopping: asyncio.Event, lock_held: asyncio.Event, gpu_slot: asyncio.Lock) -> None:
         log = get_logger("registry")
         while not stopping.is_set():
             await lock_held.wait()
             self._kicked.clear()
             try:
-                await retry_pending(self.settings)
+                await retry_pending(self.settings, gpu_slot)
             except Exception as exc:  # noqa: BLE001 - the database may be away; next round retries
                 log.warning("registration retry failed", error=redact_url(str(exc)))
             with contextlib.suppress(TimeoutError):

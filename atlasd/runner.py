@@ -25,6 +25,8 @@ connections (given up only once the daemon stops: the next start's reconcile com
 meanwhile ``health`` reports the runner degraded (``atlasd.health``). No run is claimed while the
 daemon re-takes its lock (``daemon.lock_held`` clear); a run under way goes on.
 The child is always stopped before its run leaves ``running``: never two trainers on the GPU.
+A run is claimed and executed holding ``daemon.gpu_slot``, which the registration component
+also takes to re-measure a champion: one GPU job at a time.
 
 Starting: the champion is fetched from the MLflow registry (``promotions.champion``); a
 retryable registry error puts the run back in the queue with backoff (``queue.defer``), no
@@ -280,24 +282,25 @@ class RunnerComponent:
                 except Exception:  # the next round retries
                     self.log.exception("reconcile failed")
                 next_reconcile = time.monotonic() + self.settings.poll_interval_s
-            try:
-                async with self.daemon.pool.connection() as conn:
-                    run = await queue.claim_next(conn)
-            except psycopg.Error as exc:
-                self.log.warning("cannot claim a run; retrying", error=safe_error(exc))
-                run = None
-            if run is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.runner_poll_s)
-                continue
-            try:
-                await self._execute(run)
-            except Exception as exc:  # the runner must survive anything one run does
-                self.log.exception("run failed in the runner", run_id=run.id)
-                await self._abandon(run, exc)
-            finally:
-                self.current = None
+            async with self.daemon.gpu_slot:  # not while a champion is re-measured for a registration
+                try:
+                    async with self.daemon.pool.connection() as conn:
+                        run = await queue.claim_next(conn)
+                except psycopg.Error as exc:
+                    self.log.warning("cannot claim a run; retrying", error=safe_error(exc))
+                    run = None
+                if run is not None:
+                    try:
+                        await self._execute(run)
+                    except Exception as exc:  # the runner must survive anything one run does
+                        self.log.exception("run failed in the runner", run_id=run.id)
+                        await self._abandon(run, exc)
+                    finally:
+                        self.current = None
+                    continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.runner_poll_s)
 
     async def _abandon(self, run: queue.Run, exc: Exception) -> None:
         """After an error of the runner itself: stop the child if it still runs, then mark the run

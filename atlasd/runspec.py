@@ -21,11 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPEC_VERSION = 1
 
-# exit codes of `python -m trainers run`
+# exit codes of the children, `python -m trainers ...` and `python -m registry ...`
 EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_SPEC = 2
-EXIT_INTERRUPTED = 75  # SIGTERM: checkpoint saved, resumable (EX_TEMPFAIL)
+EXIT_FAILED = 1  # unexpected error: look at stderr
+EXIT_BAD_SPEC = 2  # trainers: the spec is invalid
+EXIT_BAD_INPUT = 2  # registry: bad spec/result/arguments, unknown policy/version: do not retry
+EXIT_NEEDS_GPU = 3  # registry finalize --defer-measure: the champion must be re-measured; call again in the GPU slot
+EXIT_INTERRUPTED = 75  # trainers: SIGTERM, checkpoint saved, resumable (EX_TEMPFAIL)
+EXIT_UNAVAILABLE = 75  # registry: the MLflow store (database, server or artifact store) is unavailable: retry later
 
 # A session's text for the trainer (task, final answer, plan, steps, guidance, events) above this
 # is skipped unread (trainers/dataset.py). PostgreSQL caps a jsonb array at 256 MB, so the

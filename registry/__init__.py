@@ -16,11 +16,8 @@ Names used in the MLflow registry (one registered model per policy):
 
 from __future__ import annotations
 
-# exit codes of `python -m registry ...`
-EXIT_OK = 0
-EXIT_FAILED = 1  # unexpected error: look at stderr
-EXIT_BAD_INPUT = 2  # bad spec/result/arguments, unknown policy/version, checkpoint not loadable: do not retry
-EXIT_UNAVAILABLE = 75  # MLflow store (database, server or artifact store) unavailable: retry later (EX_TEMPFAIL)
+# exit codes of `python -m registry ...` (defined with the trainer's, in atlasd.runspec)
+from atlasd.runspec import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE  # noqa: F401
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -34,6 +31,10 @@ TAG_PREVIOUS_OF = "previous_champion_of"
 
 class RegistryError(Exception):
     """Bad input or a refused operation (exit 2): retrying will not help."""
+
+
+class NeedsGpu(Exception):
+    """``finalize --defer-measure``: the champion must be re-measured on the GPU (exit 3)."""
 
 
 class StoreUnavailable(Exception):

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 from atlasd.settings import redact_url
-from registry import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, RegistryError, StoreUnavailable
+from registry import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE, NeedsGpu, RegistryError,
+                      StoreUnavailable)
 
 _UNAVAILABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EIO, errno.ENOTDIR,
                        errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact-root", help="artifact root for new experiments (default: next to a sqlite store)")
     p.add_argument("--cache-dir", type=Path, help="where remote checkpoints are downloaded")
     p.add_argument("--actor", default="atlasd")
+    p.add_argument("--defer-measure", action="store_true",
+                   help="when the champion must be re-measured on this eval set, exit 3 instead of measuring "
+                        "(the caller calls again once it holds the GPU)")
 
     p = add("models", "registered models, versions, aliases and key metrics")
     p.add_argument("--policy")
@@ -118,7 +122,7 @@ def _registry(args: argparse.Namespace):
 
 
 def cmd_finalize(args: argparse.Namespace) -> dict:
-    from registry.finalize import finalize, load_inputs, trainer_measure
+    from registry.finalize import deferred_measure, finalize, load_inputs, trainer_measure
     from registry.tracking import default_artifact_root
 
     spec, result = load_inputs(args.spec, args.result, args.log)
@@ -126,8 +130,9 @@ def cmd_finalize(args: argparse.Namespace) -> dict:
     if root is None and not spec.mlflow.tracking_uri.startswith(("http://", "https://")):
         # MLflow would otherwise put artifacts in ./mlruns under whatever the current directory is
         raise RegistryError("--artifact-root is required with a database store other than sqlite")
+    measure = deferred_measure if args.defer_measure else trainer_measure(args.spec)
     return finalize(
-        spec, result, log_path=args.log, measure=trainer_measure(args.spec), source_mode=args.source,
+        spec, result, log_path=args.log, measure=measure, source_mode=args.source,
         artifact_root=root, cache_dir=args.cache_dir, actor=args.actor,
     )
 
@@ -201,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             payload, code = COMMANDS[args.command](args), EXIT_OK
     except RegistryError as exc:
         payload, code = {"error": redact_url(str(exc))}, EXIT_BAD_INPUT
+    except NeedsGpu as exc:
+        payload, code = {"error": str(exc), "needs_gpu": True}, EXIT_NEEDS_GPU
     except Exception as exc:  # noqa: BLE001 - classified, reported as JSON, never a traceback on stdout
         code = EXIT_UNAVAILABLE if is_unavailable(exc) else EXIT_FAILED
         payload = {"error": redact_url(f"{type(exc).__name__}: {exc}")[:4000]}
     if code != EXIT_OK:
         payload["exit_code"] = code
-        payload["retryable"] = code == EXIT_UNAVAILABLE
+        payload["retryable"] = code in (EXIT_UNAVAILABLE, EXIT_NEEDS_GPU)
         print(f"python -m registry {args.command}: {payload['error']}", file=sys.stderr)
     out.write(json.dumps(payload, default=str) + "\n")
     out.flush()

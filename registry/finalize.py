@@ -18,7 +18,7 @@ from typing import Literal
 from mlflow.entities.model_registry import ModelVersion
 
 from atlasd.runspec import EvalReport, RunResult, RunSpec
-from registry import CHAMPION, TAG_DECISION, TAG_PREVIOUS, RegistryError
+from registry import CHAMPION, TAG_DECISION, TAG_PREVIOUS, NeedsGpu, RegistryError
 from registry.gate import decide
 from registry.store import Registry, now_iso, summary_tags
 from registry.tracking import CHECKPOINT_ARTIFACT, log_run
@@ -47,6 +47,11 @@ def trainer_measure(spec_path: Path) -> Measure:
             return EvalReport.model_validate_json(out.read_text())
 
     return measure
+
+
+def deferred_measure(model: Path) -> EvalReport:
+    """``--defer-measure``: a measurement is needed, the caller must hold the GPU first."""
+    raise NeedsGpu(f"the champion ({model}) has no score on this eval set: re-measure it in the GPU slot")
 
 
 def load_inputs(spec_path: Path, result_path: Path, log_path: Path | None) -> tuple[RunSpec, RunResult]:

@@ -179,3 +179,67 @@ def test_a_failed_registration_is_visible_and_register_requeues_it(env: Path, db
     assert "run 3 is cancelled: only a finished run" in capsys.readouterr().err
     assert main(["register", "99"]) == 1
     assert "no run 99" in capsys.readouterr().err
+
+
+def hold_policy_lock(db_url: str, policy: str) -> psycopg.Connection:
+    """Another champion move of ``policy`` in progress: its advisory lock, held until the connection closes."""
+    from atlasd.promotions import POLICY_LOCK_CLASS
+
+    conn = psycopg.connect(db_url, autocommit=True)
+    conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [POLICY_LOCK_CLASS, policy])
+    return conn
+
+
+def test_a_gate_and_an_operator_move_wait_for_the_policy_lock(env: Path, db_url: str, tiny_student, capsys,  # noqa: F811
+                                                             monkeypatch) -> None:
+    from atlasd import promotions
+
+    monkeypatch.setattr(promotions, "POLICY_LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(promotions, "OPERATOR_LOCK_WAIT_S", 0.3)
+    settings = load_settings()
+    add_run(db_url, 1)
+    paths = make_run(env, tiny_student, 1, settings.tracking_uri)
+    other = hold_policy_lock(db_url, "p1")
+    try:
+        assert asyncio.run(finalize_run(settings, 1, *paths)) == {"state": "busy"}
+        with psycopg.connect(db_url) as conn:  # no attempt spent, still due: the next round tries again
+            assert conn.execute("SELECT state, attempts, next_attempt_at <= now() FROM atlasd.registrations"
+                                ).fetchall() == [("pending", 0, True)]
+        assert main(["rollback", "p1"]) == 1
+        assert "another promotion of policy 'p1' is in progress" in capsys.readouterr().err
+    finally:
+        other.close()
+    assert [d["decision"] for d in asyncio.run(retry_pending(settings))] == ["promote"]
+    assert [r[:3] for r in audit(db_url)] == [("promote", None, "1")]
+
+
+def test_a_champion_re_measurement_waits_for_the_gpu_slot(env: Path, db_url: str, tiny_student) -> None:  # noqa: F811
+    """The champion has no score on the challenger's eval set: the first registry call answers
+    "needs the GPU" and the measurement only starts once the registration holds the GPU slot."""
+
+    class Slot(asyncio.Lock):
+        async def acquire(self) -> bool:
+            self.asked.set()
+            return await super().acquire()
+
+    settings = load_settings()
+    for run_id in (1, 2):
+        add_run(db_url, run_id)
+    r1 = make_run(env, tiny_student, 1, settings.tracking_uri, success=0.7, eval_hash="old")
+    r2 = make_run(env, tiny_student, 2, settings.tracking_uri, success=0.8, eval_hash="new")
+    assert asyncio.run(finalize_run(settings, 1, *r1))["decision"] == "promote"
+
+    async def scenario() -> dict:
+        slot = Slot()
+        slot.asked = asyncio.Event()
+        await slot.acquire()  # a trainer holds the GPU
+        task = asyncio.create_task(finalize_run(settings, 2, *r2, gpu_slot=slot))
+        await asyncio.wait_for(slot.asked.wait(), 120)
+        await asyncio.sleep(0.5)
+        assert not task.done()  # waiting for the slot, not measuring beside the trainer
+        slot.release()
+        return await task
+
+    out = asyncio.run(scenario())
+    # measured once it held the slot: the stand-in run has no eval snapshot, so `trainers eval` fails
+    assert out["state"] == "pending" and "trainers eval" in out["error"], out

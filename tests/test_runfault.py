@@ -166,7 +166,7 @@ class Harness:
         await pool.open(wait=True, timeout=10)
         components = [c for c in (self.runner, self.registrar) if c is not None]
         self.daemon = SimpleNamespace(pool=pool, stopping=asyncio.Event(), lock_held=asyncio.Event(),
-                                      components=components, notifier=Notifier(""))
+                                      gpu_slot=asyncio.Lock(), components=components, notifier=Notifier(""))
         self.daemon.lock_held.set()
         for component in components:
             await component.start(self.daemon)

@@ -10,7 +10,7 @@ import json
 
 from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
-from atlasd.promotions import RegistryCallError, actor_name, force_promote, list_models, rollback
+from atlasd.promotions import PolicyBusy, RegistryCallError, actor_name, force_promote, list_models, rollback
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,8 @@ def _run(coro):
     except RegistryCallError as exc:
         retry = " (MLflow store unavailable; try again later)" if exc.outcome.retryable else ""
         raise CommandError(f"{exc}{retry}") from None
+    except PolicyBusy as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _fmt(value) -> str:
