@@ -17,6 +17,10 @@ Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks t
   not caught up).
 * **manual** (``atlasd trigger``): the same path, always fires, with every pending trace.
 
+Clock steps: stored times later than ``now`` (written while the clock was ahead) are clamped to
+just before ``now`` (``_state_from``; written back by the next evaluation), for the decision and
+for ``atlasd plan`` alike.
+
 The same function with ``apply=False`` is ``atlasd plan`` (nothing written, no lock).
 The clock is injected (``now``) so tests never sleep.
 """
@@ -98,8 +102,8 @@ _STATE = """
 SELECT last_window_hi, armed_at, cron_schedule, last_fire_at, last_run_id, skipped_fire_at, skipped_reason
   FROM atlasd.policy_state WHERE policy = %(policy)s AND gear = %(gear)s"""
 
-_REARM = """
-UPDATE atlasd.policy_state SET armed_at = %(now)s, cron_schedule = %(cron)s
+_RESTATE = """
+UPDATE atlasd.policy_state SET armed_at = %(armed_at)s, cron_schedule = %(cron)s, last_fire_at = %(last_fire_at)s
  WHERE policy = %(policy)s AND gear = %(gear)s"""
 
 # paused, the gear's queued batch run, and pending = usable traces above the gear's last window
@@ -179,9 +183,10 @@ async def evaluate_gear(
     async with conn.transaction():
         if apply:
             await conn.execute(_ENSURE_STATE, {**key, "now": now, "cron": cron})
-            state, rearmed = _state_from(await _fetch(conn, _STATE + " FOR UPDATE", key), now, cron)
-            if rearmed:
-                await conn.execute(_REARM, {**key, "now": now, "cron": cron})
+            state, changed = _state_from(await _fetch(conn, _STATE + " FOR UPDATE", key), now, cron)
+            if changed:
+                await conn.execute(_RESTATE, {**key, "armed_at": state.armed_at, "cron": cron,
+                                              "last_fire_at": state.last_fire_at})
         else:
             state, _ = _state_from(await _fetch(conn, _STATE, key), now, cron)
         inputs = await _fetch(conn, _INPUTS, _inputs_params(policy, gear_name, state, now))
@@ -231,13 +236,22 @@ def plan_gear_sync(
 
 
 def _state_from(row: dict[str, Any] | None, now: datetime, cron: str | None) -> tuple[_State, bool]:
-    """The gear's state (defaults when it has no row), and whether a new or changed cron schedule
-    was (re-)armed now."""
+    """The gear's state (defaults when it has no row), and whether it differs from the stored row
+    (to be written back): a new or changed cron schedule is (re-)armed now; a stored time later
+    than ``now`` was written while the clock was ahead (a forward step since corrected) and is
+    clamped to ``now - CRON_ON_TIME``, so the gear goes on with its next tick (a tick due this
+    very minute included) and min_interval counts from now, instead of staying silent until the
+    clock catches up."""
     state = _State(**row) if row else _State(0, now, cron, None, None, None, None)
+    clamped = state.armed_at > now or (state.last_fire_at is not None and state.last_fire_at > now)
+    if state.armed_at > now:
+        state.armed_at = now - CRON_ON_TIME
+    if state.last_fire_at is not None and state.last_fire_at > now:
+        state.last_fire_at = now - CRON_ON_TIME
     rearmed = cron is not None and state.cron_schedule != cron
     if rearmed:
         state.armed_at, state.cron_schedule = now, cron
-    return state, rearmed
+    return state, rearmed or clamped
 
 
 def _inputs_params(policy: Policy, gear_name: str, state: _State, now: datetime) -> dict[str, Any]:

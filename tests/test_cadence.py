@@ -282,3 +282,30 @@ async def test_plan_is_a_dry_run(db_url: str, tmp_path) -> None:
 async def test_gear_priority_decides_the_claim_order(db_url: str, gear) -> None:
     policy = make_policy(g=gear)
     assert policy.gears["g"].priority == (10 if "cron" in gear["trigger"] else 0)
+
+
+async def test_a_corrected_forward_clock_step_does_not_silence_a_cron_gear(db_url: str) -> None:
+    """The clock jumped a year ahead, a tick fired and was recorded then; once the clock is back,
+    the gear fires at its next tick (and `plan` says so) instead of waiting a year."""
+    policy = make_policy(nightly=cron_gear("30 1 * * *"), fast=batch_gear(2, min_interval=timedelta(hours=1)))
+    clock = Clock(utc(2026, 5, 1, 0))
+    async with await aconn(db_url) as conn:
+        await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY)
+        await record(conn, 2)
+        clock.now = utc(2027, 5, 1, 1, 30, 5)  # stepped a year ahead
+        ahead = await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY)
+        assert (ahead.action, ahead.trigger) == ("enqueue", "cron")
+        assert (await evaluate_gear(conn, policy, "fast", now=clock(), catchup_window=DAY)).action == "enqueue"
+        await record(conn, 2)
+        clock.now = utc(2026, 5, 1, 12)  # corrected
+        planned = await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY, apply=False)
+        assert planned.action == "none" and planned.next_fire_at == utc(2026, 5, 2, 1, 30), planned.reason
+        # min_interval counts from the corrected now, not from a fire a year ahead
+        assert (await evaluate_gear(conn, policy, "fast", now=clock(), catchup_window=DAY)).action == "none"
+        clock.now = utc(2026, 5, 1, 13, 0, 1)  # fires again (widening its still-queued run)
+        assert (await evaluate_gear(conn, policy, "fast", now=clock(), catchup_window=DAY)).action == "coalesce"
+        await record(conn, 1)
+        clock.now = utc(2026, 5, 2, 1, 30, 2)
+        fired = await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY)
+        assert (fired.action, fired.trigger) == ("enqueue", "cron")
+        assert (await runs(conn))[-1].scheduled_for == utc(2026, 5, 2, 1, 30)
