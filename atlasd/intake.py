@@ -7,8 +7,11 @@ became true last). The tables are the truth and NOTIFY only a hint, so there are
 * full: an anti-join of every ready session not yet in the intake (at start, after each
   listener reconnect, on a ``'*'`` payload and on the slow poll).
 
-There is no id watermark, so a session whose id commits out of order cannot be skipped. Every
-insert is ``ON CONFLICT DO NOTHING`` on the session id, so duplicates are harmless. The
+There is no id watermark, so a session whose id commits out of order cannot be skipped. A
+session is identified by ``(id, created_at)``: after the SDK's ids restart (``TRUNCATE ...
+RESTART IDENTITY``, a restore) a new session with an old id is recorded as new, and the old row
+is revoked (its session is gone). Every insert is ``ON CONFLICT DO NOTHING`` on that identity, so
+duplicates are harmless. The
 extraction of learning key and reward, and the classification of malformed rows, happen in SQL
 (a 100k burst is a few statements). Transactions are short: the SDK locks ``sessions`` on connect.
 
@@ -63,7 +66,7 @@ _INSERT = sql.SQL(
                CASE WHEN malformed IS NULL THEN (reward_stats ->> 'score')::double precision END,
                created_at, malformed
           FROM ready ORDER BY id
-        ON CONFLICT (session_id) DO NOTHING
+        ON CONFLICT (session_id, session_created_at) DO NOTHING
         RETURNING session_id, malformed
     )
     SELECT (SELECT count(*) FROM ready),
@@ -79,10 +82,12 @@ _INSERT = sql.SQL(
 _REVOCATIONS = sql.SQL(
     """WITH changed AS (
         UPDATE atlasd.intake i SET revoked_at = CASE WHEN c.ready THEN NULL ELSE now() END
-          FROM (SELECT x.session_id,
-                       EXISTS (SELECT 1 FROM public.sessions s WHERE s.id = x.session_id AND {ready}) AS ready
+          FROM (SELECT x.session_id, x.session_created_at,
+                       EXISTS (SELECT 1 FROM public.sessions s
+                                WHERE s.id = x.session_id AND s.created_at = x.session_created_at AND {ready}) AS ready
                   FROM atlasd.intake x WHERE {filter}) c
-         WHERE i.session_id = c.session_id AND (i.revoked_at IS NULL) <> c.ready
+         WHERE i.session_id = c.session_id AND i.session_created_at = c.session_created_at
+           AND (i.revoked_at IS NULL) <> c.ready
         RETURNING c.ready
     )
     SELECT count(*) FILTER (WHERE NOT ready), count(*) FILTER (WHERE ready) FROM changed"""
@@ -91,7 +96,8 @@ _REVOCATIONS = sql.SQL(
 
 # The full path's anti-join (a hash anti-join over the intake); the targeted path instead probes
 # the primary key through ON CONFLICT, which stays cheap however large the intake grows.
-_UNRECORDED = sql.SQL("NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id)")
+_UNRECORDED = sql.SQL(
+    "NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id AND i.session_created_at = s.created_at)")
 
 
 @dataclass

@@ -195,7 +195,8 @@ def _intake(conn: psycopg.Connection) -> dict[str, Any]:
     backlog = conn.execute(
         """SELECT count(*) FROM public.sessions s
             WHERE s.review_status = 'approved' AND s.status = 'succeeded'
-              AND NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id)"""
+              AND NOT EXISTS (SELECT 1 FROM atlasd.intake i
+                               WHERE i.session_id = s.id AND i.session_created_at = s.created_at)"""
     ).fetchone()[0]
     conn.rollback()  # end the read transaction: the SDK locks `sessions` on connect
     return {

@@ -65,7 +65,7 @@ async def record(
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [INTAKE_WRITER_LOCK])
         cur = await conn.execute(
             """INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed, revoked_at)
-               SELECT (SELECT COALESCE(max(session_id), 0) FROM atlasd.intake) + g, %s, %s, %s, %s,
+               SELECT (SELECT COALESCE(max(session_id), 0) FROM atlasd.intake) + g, %s, %s, COALESCE(%s, now()), %s,
                       CASE WHEN %s THEN now() END
                  FROM generate_series(1, %s) g
                RETURNING seq""",

@@ -17,6 +17,7 @@ from tests.traces import add_session, arithmetic_session, event
 from trainers.dataset import (
     _SESSIONS,
     _WINDOW_SEL,
+    Example,
     _params,
     build_dataset,
     encode_prompt,
@@ -125,7 +126,7 @@ def test_frozen_eval_split_is_stable_and_disjoint(db_url):
     train_ids = {e.session_id for e in build.train}
     assert not train_ids & {sid for sid, _ in in_split}  # the whole split is excluded from training
     assert len(train_ids) == 60 - len(in_split)
-    assert build.eval_set_hash == eval_set_hash(reversed(eval_ids))
+    assert build.eval_set_hash == eval_set_hash(reversed(build.eval))
     # a later window: the same eval set once max_samples exist
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in range(20):
@@ -164,7 +165,7 @@ def test_prompt_truncation_keeps_the_system_message(tiny_models):
 
 
 def test_snapshot_roundtrip(tmp_path: Path):
-    from trainers.dataset import Example, load_examples, save_examples
+    from trainers.dataset import load_examples, save_examples
 
     ex = [Example(1, 2, [{"role": "system", "content": "Task: é"}], "c", "r", "rehearsal")]
     save_examples(ex, tmp_path / "d" / "train.jsonl")
@@ -334,3 +335,14 @@ def test_prompt_truncation_of_2000_turns_takes_log_n_tokenizations(tiny_models):
     longer = [messages[0]] + messages[len(messages) - kept - 1:]
     assert len(encode_prompt(tok.tokenizer, longer, 10**6)[0]) > 2048
     assert elapsed < 30
+
+
+def test_the_eval_set_hash_names_its_content_not_only_its_ids() -> None:
+    def ex(sid: int, task: str) -> Example:
+        return Example(session_id=sid, seq=sid, prompt=[{"role": "system", "content": f"Task: {task}"}],
+                       completion="Final Answer: 1", reference="1", source="eval")
+
+    before = [ex(1, "a"), ex(2, "b")]
+    assert eval_set_hash(before) == eval_set_hash(reversed(before))  # order does not matter
+    assert eval_set_hash([ex(1, "a"), ex(2, "other task")]) != eval_set_hash(before)  # id 2 reused by another session
+    assert eval_set_hash(before[:1]) != eval_set_hash(before)

@@ -66,7 +66,7 @@ def test_evaluate_tiny_model(tiny_models, tmp_path):
     assert rep.n_samples == 5 and rep.success_rate == 1.0
     assert 0 <= rep.avg_tokens <= 6
     assert rep.reverse_kl is not None and rep.reverse_kl > 0
-    assert rep.eval_set_hash == eval_set_hash([4, 3, 2, 1, 0])
+    assert rep.eval_set_hash == eval_set_hash(reversed(examples))
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [r["session_id"] for r in rows] == [0, 1, 2, 3, 4]
     assert set(rows[0]) == {"session_id", "prompt", "generation", "reference", "correct", "tokens"}

@@ -231,3 +231,28 @@ async def test_poison_values_are_malformed_and_never_fail_the_batch(db_url: str,
         c.execute("UPDATE sessions SET reward_stats = '{\"score\": 1e-400}' WHERE id = %s", [later[0]])
     result = await intake.reconcile(conn, set(later), batch_size=100)
     assert (result.recorded, result.malformed) == (1, 1)
+
+
+async def test_sessions_reusing_old_ids_are_recorded_as_new(db_url: str, conn) -> None:
+    """The SDK's ids restart (TRUNCATE ... RESTART IDENTITY, a restore): each new session with an
+    old id is recorded (identity = id + created_at), by the targeted and the full path, and the
+    old rows are revoked (their sessions are gone); the trainer reads the new sessions only."""
+    from tests.test_dataset import make_spec
+    from trainers.dataset import build_dataset
+
+    first = add_sessions(db_url, 15)
+    assert (await intake.reconcile(conn, None, batch_size=100)).recorded == 15
+    sql(db_url, "TRUNCATE sessions RESTART IDENTITY CASCADE")
+    with psycopg.connect(db_url, autocommit=True) as c:
+        again = [arithmetic_session(c, i, 1, intake=False)[0] for i in range(15)]
+    assert again == first  # the same ids, other sessions
+    targeted = await intake.reconcile(conn, again[:10], batch_size=100)
+    assert (targeted.recorded, targeted.revoked) == (10, 10)
+    full = await intake.reconcile(conn, None, batch_size=100)
+    assert (full.recorded, full.revoked) == (5, 5)
+    assert sql(db_url, "SELECT count(*), count(revoked_at), count(DISTINCT session_id) FROM atlasd.intake") == [(30, 15, 15)]
+    build = build_dataset(make_spec(db_url, window_lo=0, window_hi=30))
+    examples = build.train + build.eval
+    assert sorted(e.session_id for e in examples) == again
+    assert all(e.prompt[0]["content"].startswith("Task: Tom has") for e in examples), examples[0].prompt
+    assert build.skipped["revoked"] == 15

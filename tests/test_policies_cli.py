@@ -32,8 +32,8 @@ def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
 
 
 def record(db_url: str, n: int) -> None:
-    sql(db_url, """INSERT INTO atlasd.intake (session_id, learning_key, reward_score)
-                   SELECT (SELECT COALESCE(max(session_id), 0) FROM atlasd.intake) + g, 'k', 0.9
+    sql(db_url, """INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at)
+                   SELECT (SELECT COALESCE(max(session_id), 0) FROM atlasd.intake) + g, 'k', 0.9, now()
                      FROM generate_series(1, %s) g""", [n])
 
 

@@ -230,7 +230,7 @@ def test_champion_on_another_eval_set_is_re_measured_by_the_trainer(tmp_path, st
     finalize_paths(s1, r1)
     examples = [Example(session_id=i, seq=i, prompt=[{"role": "system", "content": f"Task: {i} + 1?"}],
                         completion=f"Final Answer: {i + 1}", reference=str(i + 1), source="eval") for i in range(3)]
-    new_hash = eval_set_hash(e.session_id for e in examples)
+    new_hash = eval_set_hash(examples)
     s2, r2, _ = make_run(tmp_path, tiny_student, 2, tracking_uri, success=0.8, tokens=60, eval_hash=new_hash,
                          teacher=str(tiny_student.parent / "teacher"))
     snapshot = RunSpec.load(s2).output_dir / "data" / "eval.jsonl"

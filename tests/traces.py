@@ -52,8 +52,9 @@ def add_session(conn: psycopg.Connection, *, task: str, final_answer: str | None
         seq = conn.execute(
             """INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed,
                                           revoked_at)
-               VALUES (%s, %s, %s, now(), %s, CASE WHEN %s THEN now() END) RETURNING seq""",
-            [sid, learning_key, reward, malformed, revoked],
+               SELECT %s, %s, %s, created_at, %s, CASE WHEN %s THEN now() END FROM sessions WHERE id = %s
+               RETURNING seq""",
+            [sid, learning_key, reward, malformed, revoked, sid],
         ).fetchone()[0]
     return sid, seq
 

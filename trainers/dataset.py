@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ class DatasetBuild:
 
     @property
     def eval_set_hash(self) -> str:
-        return eval_set_hash(e.session_id for e in self.eval)
+        return eval_set_hash(self.eval)
 
 
 class DatasetError(RuntimeError):
@@ -100,9 +100,13 @@ def _threshold(eval_fraction: float) -> int:
     return int(eval_fraction * 2**HASH_BITS)
 
 
-def eval_set_hash(session_ids) -> str:
-    ids = sorted(int(i) for i in session_ids)
-    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+def eval_set_hash(examples: Iterable[Example]) -> str:
+    """The eval set's identity: its sessions and what each one asks and expects (prompt,
+    completion, reference), in any order. Equal hashes mean the same eval content, also when the
+    SDK's session ids were reused by other sessions."""
+    items = sorted((e.session_id, hashlib.sha256(json.dumps([e.prompt, e.completion, e.reference], ensure_ascii=False,
+                                                            sort_keys=True).encode()).hexdigest()) for e in examples)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 # --- SQL --------------------------------------------------------------------------------------
@@ -132,13 +136,13 @@ SELECT i.seq, i.session_id,
             WHEN NOT {_AGE_OK} THEN 'too_old'
             WHEN {_SPLIT_SQL} THEN 'eval_split'
        END AS reason
-  FROM atlasd.intake i LEFT JOIN sessions s ON s.id = i.session_id
+  FROM atlasd.intake i LEFT JOIN sessions s ON s.id = i.session_id AND s.created_at = i.session_created_at
  WHERE i.seq > %(window_lo)s AND i.seq <= %(window_hi)s
 """
 
 _REHEARSAL_SEL = f"""
 SELECT i.seq, i.session_id, NULL::text AS reason
-  FROM atlasd.intake i JOIN sessions s ON s.id = i.session_id
+  FROM atlasd.intake i JOIN sessions s ON s.id = i.session_id AND s.created_at = i.session_created_at
  WHERE i.seq <= %(window_lo)s AND {_USABLE} AND {_AGE_OK} AND NOT {_SPLIT_SQL}
  ORDER BY md5(%(rehearsal_seed)s::text || ':' || i.session_id::text), i.seq
  LIMIT %(rehearsal_n)s
@@ -146,7 +150,7 @@ SELECT i.seq, i.session_id, NULL::text AS reason
 
 _EVAL_SEL = f"""
 SELECT i.seq, i.session_id, NULL::text AS reason
-  FROM atlasd.intake i JOIN sessions s ON s.id = i.session_id
+  FROM atlasd.intake i JOIN sessions s ON s.id = i.session_id AND s.created_at = i.session_created_at
  WHERE i.seq <= %(window_hi)s AND {_USABLE} AND {_SPLIT_SQL}
  ORDER BY i.seq
  LIMIT %(eval_max)s

@@ -82,7 +82,7 @@ def _evaluate(student, tokenizer, examples, judge, *, model_name, max_new_tokens
         samples_path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     n = len(examples)
     return EvalReport(
-        model=model_name, eval_set_hash=eval_set_hash(e.session_id for e in examples), n_samples=n,
+        model=model_name, eval_set_hash=eval_set_hash(examples), n_samples=n,
         success_rate=correct / n if n else 0.0, avg_tokens=n_tokens / n if n else 0.0,
         reverse_kl=kl_sum / kl_tokens if kl_tokens else None,
         samples_path=str(samples_path) if samples_path is not None else None,
