@@ -53,7 +53,7 @@ from psycopg.types.json import Jsonb
 from atlasd.db import aconnect
 from atlasd.logging import get_logger
 from atlasd.runspec import EXIT_BAD_INPUT, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE, MlflowTarget
-from atlasd.settings import Settings, redact_url
+from atlasd.settings import Settings, redact_url, without_password
 
 if TYPE_CHECKING:
     from atlasd.policies import Policy
@@ -108,8 +108,9 @@ class RegistryOutcome:
 
 
 def mlflow_target(settings: Settings, policy: Policy) -> MlflowTarget:
-    """RunSpec.mlflow for a run of ``policy``: experiment ``atlasd/<policy>``, the policy's model."""
-    return MlflowTarget(tracking_uri=settings.tracking_uri, experiment=f"atlasd/{policy.name}",
+    """RunSpec.mlflow for a run of ``policy``: experiment ``atlasd/<policy>``, the policy's model; the
+    store's URI without its password (the registry child gets it in ``MLFLOW_TRACKING_URI``)."""
+    return MlflowTarget(tracking_uri=without_password(settings.tracking_uri), experiment=f"atlasd/{policy.name}",
                         registered_model=policy.model_name)
 
 

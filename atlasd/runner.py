@@ -14,7 +14,8 @@ exit 75 -> interrupted (checkpoint saved; re-queued to resume if the policy says
 anything else -> failed with the exit status and the stderr tail, retried while
 ``attempt < policy.retry.max_retries``. A wall-clock kill is failed and not retried. A retry or
 resume continues from the parent's last checkpoint, in its output folder, when the parent got
-that far (its data snapshot exists); else it starts over from the current champion.
+that far (its data snapshot exists) and that folder is a run folder under ``STATE_DIR/runs``
+(a row pointing elsewhere is never trusted); else it starts over from the current champion.
 
 One transaction writes the outcome, the follow-up decision with the retry/resume run it calls
 for, and the pending ``atlasd.registrations`` row of a run to register (succeeded, or failed with
@@ -82,6 +83,15 @@ DEFER_MAX_S = 1800.0
 
 def run_dir_for(settings: Settings, run_id: int) -> Path:
     return (settings.state_dir / "runs" / f"run-{run_id}").resolve()
+
+
+def confined_run_dir(settings: Settings, output_dir: str | None) -> Path | None:
+    """``output_dir`` (read from a run row) when it is a run folder under ``STATE_DIR/runs``, else
+    None: a row edited to point elsewhere must not make the trainer load files from there."""
+    if not output_dir:
+        return None
+    root, folder = (settings.state_dir / "runs").resolve(), Path(output_dir).resolve()
+    return folder if folder.parent == root and folder.name.startswith("run-") else None
 
 
 class Supervision:
@@ -377,10 +387,14 @@ class RunnerComponent:
         parent = None
         if run.trigger in ("resume", "retry") and run.parent_run_id is not None:
             parent = await self._db("read the parent run", lambda conn: queue.get_run(conn, run.parent_run_id))
-        resume = (parent is not None and bool(parent.output_dir) and bool(parent.spec)
-                  and (run.trigger == "resume" or (Path(parent.output_dir) / "data" / "train.jsonl").is_file()))
+        parent_dir = confined_run_dir(self.settings, parent.output_dir) if parent is not None else None
+        if parent is not None and parent.output_dir and parent_dir is None:
+            self.log.warning("parent run folder is not under STATE_DIR/runs; starting over", run_id=run.id,
+                             parent_run_id=parent.id, output_dir=parent.output_dir)
+        resume = (parent_dir is not None and bool(parent.spec)
+                  and (run.trigger == "resume" or (parent_dir / "data" / "train.jsonl").is_file()))
         if resume:
-            output_dir = Path(parent.output_dir)
+            output_dir = parent_dir
             student, champion_version = parent.spec["student"], parent.spec.get("champion_version")
         else:
             output_dir = run_dir_for(self.settings, run.id)

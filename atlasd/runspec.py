@@ -169,9 +169,17 @@ class TraceSelection(_Strict):
 
 
 class MlflowTarget(_Strict):
-    tracking_uri: str
+    tracking_uri: str = Field(..., description="the store, without its password (stored in the run row)")
     experiment: str
     registered_model: str
+
+    def resolved_tracking_uri(self) -> str:
+        """``$MLFLOW_TRACKING_URI`` when it names this same store (it carries the password the spec
+        never holds), else ``tracking_uri``."""
+        from atlasd.settings import without_password
+
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        return env if env and without_password(env) == without_password(self.tracking_uri) else self.tracking_uri
 
 
 class RunSpec(_Strict):

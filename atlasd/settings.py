@@ -20,7 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-_URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)")
+# the password runs to the LAST '@' before the host (an unencoded '@' in a password included)
+_URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^\s/]*)(?P<at>@)")
 _KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'[^']*'|\S+)", re.IGNORECASE)
 
 
@@ -30,6 +31,13 @@ def redact_url(text: str | None) -> str:
         return ""
     text = _URL_PASSWORD.sub(lambda m: f"{m['pre']}***{m['at']}", text)
     return _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
+
+
+def without_password(url: str) -> str:
+    """``scheme://user:pw@host/...`` -> ``scheme://user@host/...``: what may be stored (run specs);
+    the password stays in the environment (``MLFLOW_TRACKING_URI``, PGPASSWORD, .pgpass)."""
+    match = _URL_PASSWORD.match(url)
+    return url if match is None else f"{match['pre'][:-1]}@{url[match.end():]}"
 
 
 def split_host_port(addr: str) -> tuple[str, int]:

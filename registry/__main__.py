@@ -3,9 +3,11 @@ error: ``{"error": ..., "exit_code": ...}``) and logs to stderr. ``--json`` is a
 changes nothing (the output is always JSON).
 
   finalize --spec SPEC.json --result RESULT.json [--log LOG.jsonl] [--source artifacts|path]
-           [--artifact-root DIR] [--cache-dir DIR] [--actor NAME]
+           [--artifact-root DIR] [--cache-dir DIR] [--actor NAME] [--defer-measure]
       log the run, register its checkpoint (succeeded runs), run the promotion gate.
-      Tracking URI: the spec's ``mlflow.tracking_uri``.
+      Tracking URI: the spec's ``mlflow.tracking_uri`` (stored without a password), or
+      ``$MLFLOW_TRACKING_URI`` when that names the same store (it carries the password).
+      ``--defer-measure``: exit 3 instead of re-measuring the champion (the caller holds the GPU, then calls again).
   models   [--policy P]                        registered models, versions, aliases, key metrics
   champion --policy P [--cache-dir DIR]        the champion and a local checkpoint path for RunSpec.student
   promote  --policy P --version V --reason R [--actor NAME] [--cache-dir DIR]
@@ -16,8 +18,8 @@ changes nothing (the output is always JSON).
 
 Commands other than finalize read the tracking URI from ``--tracking-uri`` or the
 ``MLFLOW_TRACKING_URI`` environment variable (the daemon uses the variable: no password in argv).
-Exit codes: 0 ok, 1 unexpected failure, 2 bad input or refused (do not retry),
-75 MLflow store unavailable (retry later).
+Exit codes (atlasd.runspec): 0 ok, 1 unexpected failure, 2 bad input or refused (do not retry),
+3 finalize --defer-measure needs the GPU, 75 MLflow store unavailable (retry later).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def cmd_finalize(args: argparse.Namespace) -> dict:
     from registry.tracking import default_artifact_root
 
     spec, result = load_inputs(args.spec, args.result, args.log)
-    root = args.artifact_root or default_artifact_root(spec.mlflow.tracking_uri)
+    root = args.artifact_root or default_artifact_root(spec.mlflow.resolved_tracking_uri())
     if root is None and not spec.mlflow.tracking_uri.startswith(("http://", "https://")):
         # MLflow would otherwise put artifacts in ./mlruns under whatever the current directory is
         raise RegistryError("--artifact-root is required with a database store other than sqlite")

@@ -110,7 +110,7 @@ def finalize(
     actor: str = "atlasd",
 ) -> dict:
     assert spec.mlflow is not None
-    reg = Registry(spec.mlflow.tracking_uri)
+    reg = Registry(spec.mlflow.resolved_tracking_uri())
     experiment_id, mlflow_run_id = log_run(
         reg.client, spec, result, log_path=log_path,
         upload_checkpoint=source_mode == "artifacts" and result.status == "succeeded", artifact_root=artifact_root,

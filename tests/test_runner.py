@@ -256,3 +256,16 @@ def _is_trainer_of(proc: Path, tmp_path: Path) -> bool:
         return False
     mine = str(tmp_path).encode()
     return b"trainers" in cmd and any(b"run_spec-" in c and c.startswith(mine) for c in cmd)
+
+
+def test_a_resume_only_trusts_run_folders_under_the_state_dir(tmp_path: Path) -> None:
+    from atlasd.runner import confined_run_dir, run_dir_for
+    from atlasd.settings import load_settings
+
+    settings = load_settings(state_dir=tmp_path / "state")
+    own = run_dir_for(settings, 7)
+    assert confined_run_dir(settings, str(own)) == own
+    assert confined_run_dir(settings, str(settings.state_dir / "runs" / "run-7")) == own
+    for elsewhere in ("/tmp/attacker", str(own / ".." / ".." / "x"), str(settings.state_dir / "runs"),
+                      str(own / "checkpoints"), str(settings.state_dir / "runs" / "other"), None, ""):
+        assert confined_run_dir(settings, elsewhere) is None, elsewhere

@@ -321,7 +321,7 @@ class GKDTrainer:
         state = _state(path)
         if state["train_ids"] != _ids_hash(self.examples) or state["seed"] != self.optim.seed:
             raise ValueError(f"checkpoint {path} was made with other training data or seed; cannot resume")
-        blob = torch.load(path / OPTIM_FILE, weights_only=False)
+        blob = torch.load(path / OPTIM_FILE, weights_only=True)  # tensors and plain containers: no pickled code
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])

@@ -10,6 +10,7 @@ from atlasd import promotions, queue
 from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.commands.policies import with_db
+from atlasd.settings import redact_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +51,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     settings = cli_settings()
     runs = with_db(settings, lambda conn: queue.list_runs(conn, states=args.state, policy=args.policy, limit=args.limit))
     if args.json:
-        print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        print(redact_url(json.dumps([r.model_dump(mode="json") for r in runs], indent=2)))
         return 0
     if not runs:
         print("no runs")
@@ -82,7 +83,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     run = with_db(settings, lambda conn: queue.get_run(conn, args.id))
     if run is None:
         raise CommandError(f"no run {args.id}")
-    data = run.model_dump(mode="json")
+    data = json.loads(redact_url(json.dumps(run.model_dump(mode="json"))))  # rows written before specs were password-free
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
