@@ -31,7 +31,8 @@ each); ``REGISTRY_TIMEOUT_S`` bounds any child.
 Post-promotion hook (when the champion moves: promote, force, rollback): ``NOTIFY
 atlasd_promotions '{"model", "version", "policy"}'`` (in the transaction that writes the audit
 row; ``ATLASD_PROMOTION_NOTIFY``), then ``ATLASD_PROMOTION_HOOK`` (a JSON argv list, run without
-a shell, 60 s limit, environment ``ATLASD_PROMOTION_{MODEL,VERSION,POLICY,ACTION}``). What the
+a shell, 60 s limit, environment ``ATLASD_PROMOTION_{MODEL,VERSION,POLICY,ACTION}`` and the daemon's
+environment without credentials: ``atlasd.settings.SECRET_ENV``). What the
 hook did is stored in ``atlasd.promotions.hook``; a failing hook never undoes a promotion.
 """
 
@@ -53,7 +54,7 @@ from psycopg.types.json import Jsonb
 from atlasd.db import aconnect
 from atlasd.logging import get_logger
 from atlasd.runspec import EXIT_BAD_INPUT, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE, MlflowTarget
-from atlasd.settings import Settings, redact_url, without_password
+from atlasd.settings import Settings, child_env, redact_url, without_password
 
 if TYPE_CHECKING:
     from atlasd.policies import Policy
@@ -125,8 +126,11 @@ def _cache_dir(settings: Settings) -> str:
 async def run_registry(settings: Settings, *args: str, timeout_s: float = REGISTRY_TIMEOUT_S) -> RegistryOutcome:
     """``python -m registry ARGS`` with the tracking URI in its environment (not in argv). A child
     past ``timeout_s`` is killed (a retryable outcome); so is one whose caller is cancelled."""
-    env = {**FAIL_FAST_ENV, **os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri,
-           "MLFLOW_REGISTRY_URI": settings.tracking_uri}
+    env = {**FAIL_FAST_ENV, **child_env(MLFLOW_TRACKING_URI=settings.tracking_uri,
+                                        MLFLOW_REGISTRY_URI=settings.tracking_uri)}
+    for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):  # an HTTP store's credentials
+        if name in os.environ:
+            env[name] = os.environ[name]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "registry", *args, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -186,8 +190,8 @@ async def _run_hook(settings: Settings, conn: psycopg.AsyncConnection, promotion
                     model: str, version: str, action: str) -> str:
     parts = ["notified"] if settings.promotion_notify else []
     if settings.promotion_hook:
-        env = {**os.environ, "ATLASD_PROMOTION_MODEL": model, "ATLASD_PROMOTION_VERSION": version,
-               "ATLASD_PROMOTION_POLICY": policy, "ATLASD_PROMOTION_ACTION": action}
+        env = child_env(ATLASD_PROMOTION_MODEL=model, ATLASD_PROMOTION_VERSION=version,
+                        ATLASD_PROMOTION_POLICY=policy, ATLASD_PROMOTION_ACTION=action)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *settings.promotion_hook, env=env, stdin=asyncio.subprocess.DEVNULL,

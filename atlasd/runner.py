@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -66,7 +65,7 @@ from atlasd.health import Health
 from atlasd.logging import get_logger
 from atlasd.policies import Policy, PolicySet
 from atlasd.runspec import EXIT_INTERRUPTED, RunResult, RunSpec
-from atlasd.settings import Settings
+from atlasd.settings import Settings, child_env
 
 T = TypeVar("T")
 
@@ -354,9 +353,8 @@ class RunnerComponent:
         await self._db("record the run spec", lambda conn: queue.record_spec(
             conn, run.id, output_dir=str(run_dir), spec=spec.model_dump(mode="json"),
             champion_version=spec.champion_version))
-        env = dict(os.environ)
-        env["ATLASD_DB_URL"] = self.settings.dsn  # the child's only way to the database: never in argv or files
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        # the database URL is the child's only secret (never in argv or files); no MLflow credentials
+        env = {"PYTHONUNBUFFERED": "1", **child_env(ATLASD_DB_URL=self.settings.dsn)}
         if self.settings.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.settings.cuda_visible_devices
 

@@ -33,6 +33,16 @@ def redact_url(text: str | None) -> str:
     return _KV_PASSWORD.sub(lambda m: f"{m['pre']}***", text)
 
 
+# Environment variables that carry credentials. A child gets only those it needs (child_env).
+SECRET_ENV = ("ATLASD_DB_URL", "ATLASD_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The daemon's environment without any of ``SECRET_ENV``, plus ``extra`` (what this child needs)."""
+    return {**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, **extra}
+
+
 def without_password(url: str) -> str:
     """``scheme://user:pw@host/...`` -> ``scheme://user@host/...``: what may be stored (run specs);
     the password stays in the environment (``MLFLOW_TRACKING_URI``, PGPASSWORD, .pgpass)."""

@@ -18,7 +18,7 @@ from atlasd.runspec import RunSpec
 from atlasd.settings import load_settings
 from tests.test_registry import make_run, report, tiny_student  # noqa: F401 - fixture
 
-HOOK = "import os, json, sys; open(sys.argv[1], 'a').write(json.dumps({k: v for k, v in os.environ.items() if k.startswith('ATLASD_PROMOTION_')}) + '\\n')"
+HOOK = "import os, json, sys; open(sys.argv[1], 'a').write(json.dumps({k: v for k, v in os.environ.items() if k.startswith('ATLASD_')}) + '\\n')"
 
 
 @pytest.fixture()
@@ -84,6 +84,7 @@ def test_gate_audit_hooks_rollback_and_forced_promote(env: Path, db_url: str, ti
     hooks = [json.loads(line) for line in (env / "hook.jsonl").read_text().splitlines()]
     assert [(h["ATLASD_PROMOTION_VERSION"], h["ATLASD_PROMOTION_ACTION"]) for h in hooks] == [
         ("1", "promote"), ("3", "promote"), ("1", "rollback"), ("2", "force")]
+    assert all("ATLASD_DB_URL" not in h for h in hooks)  # the hook never gets the database's credentials
     with psycopg.connect(db_url) as conn:
         assert champions(conn)["p1"]["version"] == "2"
 

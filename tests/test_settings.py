@@ -35,3 +35,14 @@ def test_stored_tracking_uris_hold_no_password(monkeypatch) -> None:
     assert target.resolved_tracking_uri() == "postgresql://mlflow@db:5432/mlflow"  # another store: never used
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert target.resolved_tracking_uri() == "postgresql://mlflow@db:5432/mlflow"
+
+
+def test_children_get_no_credentials_they_do_not_need(monkeypatch) -> None:
+    from atlasd.settings import SECRET_ENV, child_env
+
+    for name in SECRET_ENV:
+        monkeypatch.setenv(name, "postgresql://u:s3cret@h/d")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    env = child_env(ATLASD_DB_URL="postgresql://u:s3cret@h/d")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["ATLASD_DB_URL"]
+    assert [k for k in env if k in SECRET_ENV] == ["ATLASD_DB_URL"]
