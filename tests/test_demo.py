@@ -172,3 +172,23 @@ def test_demo_ctrl_c_leaves_nothing_running(tmp_path, models_dir):
     assert any(e.get("event") == "stop requested" and e.get("signal") == "SIGTERM" for e in events)
     assert any(e.get("event") == "stopping the trainer" and e.get("run_id") == 1 for e in events)  # SIGTERM forwarded
     assert any(e.get("event") == "stopped" for e in events)
+
+
+def test_the_demo_never_empties_a_database_whose_atlasd_schema_it_did_not_create(db_url: str) -> None:
+    """No sessions yet, but atlasd's history (a fresh production database after `atlasd db migrate`)."""
+    import psycopg
+
+    from atlasd.demo.run import DemoError, reset_database
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO atlasd.pauses (policy, reason) VALUES ('p', 'kept')")
+    with pytest.raises(DemoError, match="atlasd schema the demo did not create"):
+        reset_database(db_url)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT reason FROM atlasd.pauses").fetchall() == [("kept",)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA atlasd CASCADE")
+    reset_database(db_url)  # nothing of atlasd's: the demo sets up its own, marked
+    reset_database(db_url)  # and starts over on it next time
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM atlasd.pauses").fetchone() == (0,)

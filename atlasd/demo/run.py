@@ -148,9 +148,20 @@ def build_models(models_dir: Path, fast: bool, say: Progress) -> tuple[Path, Pat
 # ---------------------------------------------------------------- database
 
 
+DEMO_SCHEMA_MARK = "created by atlasd demo; every demo run drops and re-creates it"
+
+
 def reset_database(url: str) -> None:
-    """Fresh SDK tables and atlasd schema. Refuses a database holding sessions the demo did not write."""
+    """Fresh SDK tables and atlasd schema. Refuses a database holding sessions the demo did not
+    write, or an atlasd schema it did not create (a production database's run and promotion
+    history, even with no sessions yet)."""
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("SELECT to_regnamespace('atlasd')").fetchone()[0] is not None:
+            mark = conn.execute("SELECT obj_description('atlasd'::regnamespace, 'pg_namespace')").fetchone()[0]
+            if mark != DEMO_SCHEMA_MARK:
+                raise DemoError(f"{redact_url(url)} has an atlasd schema the demo did not create (atlasd's runs, "
+                                "promotions and intake): the demo empties its database, so give it a throw-away one "
+                                "(or unset ATLASD_DB_URL)")
         if conn.execute("SELECT to_regclass('public.sessions')").fetchone()[0] is not None:
             # every session the demo writes carries demo_problem_id (its malformed ones inside a JSON array)
             foreign = conn.execute("SELECT count(*) FROM sessions WHERE metadata IS NULL "
@@ -163,6 +174,8 @@ def reset_database(url: str) -> None:
             conn.execute(f"DROP TABLE IF EXISTS public.{table} CASCADE")
     init_sdk_schema(url)
     migrate(url)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"COMMENT ON SCHEMA atlasd IS '{DEMO_SCHEMA_MARK}'")
 
 
 def query(url: str, sql: str, params: list | None = None) -> list[tuple]:
