@@ -1,23 +1,33 @@
 """The Prometheus endpoint: ``GET http://ATLASD_METRICS_ADDR/metrics`` (default 127.0.0.1:9464).
 
-A daemon component serves it from prometheus-client's HTTP server thread. Every scrape runs
-:func:`atlasd.status.collect_status` (what ``atlasd status --json`` prints) on its own short-lived
-synchronous connection, in the HTTP thread, so the event loop never waits for a scrape and the
-values are exactly those of ``atlasd status``. With the database unreachable a scrape still
-answers 200: ``atlasd_up 0`` and ``atlasd_scrape_errors_total`` counting up, no other atlasd series.
-The series are listed in the README ("Running as a service").
+A daemon component serves it from prometheus-client's HTTP server thread. Scrapes never touch the
+database: they read a cache that one refresher thread fills every ``ATLASD_METRICS_REFRESH_S``
+(default 10 s) with :func:`atlasd.status.collect_status` (what ``atlasd status --json`` prints) on
+ONE persistent connection (``statement_timeout`` 10 s, ``lock_timeout`` 1 s: it never queues the
+SDK behind it). However many scrapes arrive at once, atlasd holds at most that one connection for
+metrics and each scrape answers from memory. ``atlasd_metrics_refreshed_timestamp_seconds`` says
+when the values were read. When the last refresh failed, or the cache is older than 3 refresh
+intervals, a scrape answers 200 with ``atlasd_up 0`` and no other atlasd series;
+``atlasd_scrape_errors_total`` counts failed refreshes. The series are listed in the README
+("Running as a service").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import socket
+import socketserver
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 import psycopg
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,21 +37,27 @@ from atlasd.queue import STATES
 from atlasd.settings import Settings, split_host_port
 from atlasd.status import collect_status
 
-SCRAPE_CONNECT_TIMEOUT_S = 5  # below Prometheus' default scrape timeout (10 s)
+SCRAPE_CONNECT_TIMEOUT_S = 5
+STALE_AFTER_REFRESHES = 3  # a cache older than this many refresh intervals is reported as atlasd_up 0
+REFRESH_OPTIONS = "-c statement_timeout=10000 -c lock_timeout=1000"
 
 
 def _ts(iso: str | None) -> float | None:
     return datetime.fromisoformat(iso).timestamp() if iso else None
 
 
-def families(status: dict[str, Any] | None, scrape_errors: int) -> list[Metric]:
+def families(status: dict[str, Any] | None, scrape_errors: int, refreshed_at: float | None = None) -> list[Metric]:
     """The metric families for one ``collect_status`` result (None: the database was unreachable)."""
-    up = GaugeMetricFamily("atlasd_up", "1 when this scrape could read atlasd's state from the database")
+    up = GaugeMetricFamily("atlasd_up", "1 when the metrics cache holds a recent read of atlasd's state")
     up.add_metric([], 0 if status is None else 1)
-    errors = CounterMetricFamily("atlasd_scrape_errors", "Scrapes that could not read the database")
+    errors = CounterMetricFamily("atlasd_scrape_errors", "Metrics refreshes that could not read the database")
     errors.add_metric([], scrape_errors)
+    refreshed = GaugeMetricFamily("atlasd_metrics_refreshed_timestamp_seconds",
+                                  "When the cached values were read from the database (unix time)")
+    if refreshed_at is not None:
+        refreshed.add_metric([], refreshed_at)
     if status is None:
-        return [up, errors]
+        return [up, errors, refreshed]
 
     def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
         return GaugeMetricFamily(name, doc, labels=labels)
@@ -123,38 +139,92 @@ def families(status: dict[str, Any] | None, scrape_errors: int) -> list[Metric]:
         if str(c["version"]).isdigit():  # MLflow versions are integers
             champion.add_metric([policy, c["registered_model"]], int(c["version"]))
 
-    return [up, errors, daemon_running, listener, queue_usage, trigger, degraded, reconcile_age, usable, by_key,
+    return [up, errors, refreshed, daemon_running, listener, queue_usage, trigger, degraded, reconcile_age, usable, by_key,
             malformed, revoked, backlog, pending, threshold, paused, runs, last_success, *training, promotions, champion]
 
 
 class StatusCollector(Collector):
-    """Reads ``collect_status`` on every scrape (in the HTTP server's thread)."""
+    """Serves the cache that :meth:`run` (the refresher thread) fills every ``metrics_refresh_s``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.log = get_logger("metrics")
         self.scrape_errors = 0
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
+        self._status: dict[str, Any] | None = None  # the last successful read (None after a failed one)
+        self._refreshed_at: float | None = None  # time.time() of that read
+        self._conn: psycopg.Connection | None = None
 
-    def collect(self) -> Iterator[Metric]:
-        status = None
+    def refresh(self) -> None:
+        """One read of ``collect_status`` on the refresher's connection (re-opened after an error)."""
         try:
-            kwargs = connect_kwargs("atlasd-metrics", connect_timeout=SCRAPE_CONNECT_TIMEOUT_S)
-            with psycopg.connect(self.settings.dsn, **kwargs) as conn:
-                status = collect_status(conn, self.settings)
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.settings.dsn, autocommit=True, options=REFRESH_OPTIONS,
+                                             **connect_kwargs("atlasd-metrics", SCRAPE_CONNECT_TIMEOUT_S))
+            status, at = collect_status(self._conn, self.settings), time.time()
         except (psycopg.Error, DatabaseError, OSError) as exc:
+            self.close()
             with self._lock:
                 self.scrape_errors += 1
-            self.log.warning("metrics scrape could not read the database", error=safe_error(exc))
-        yield from families(status, self.scrape_errors)
+                self._status = None
+            self.log.warning("metrics refresh could not read the database", error=safe_error(exc))
+            return
+        with self._lock:
+            self._status, self._refreshed_at = status, at
+
+    def run(self) -> None:
+        """The refresher thread: refresh now, then every ``metrics_refresh_s`` until ``stopping``."""
+        while not self.stopping.is_set():
+            self.refresh()
+            self.stopping.wait(self.settings.metrics_refresh_s)
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            status, at, errors = self._status, self._refreshed_at, self.scrape_errors
+        if at is not None and time.time() - at > STALE_AFTER_REFRESHES * self.settings.metrics_refresh_s:
+            status = None  # the refresher is stuck (a query waiting): old values are not "up"
+        yield from families(status, errors, at)
 
 
-def registry_for(settings: Settings) -> CollectorRegistry:
+def registry_for(collector: StatusCollector) -> CollectorRegistry:
     """atlasd's series plus the daemon process's own (``process_*``: RSS, CPU, open fds)."""
     registry = CollectorRegistry()
-    registry.register(StatusCollector(settings))
+    registry.register(collector)
     ProcessCollector(registry=registry)
     return registry
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """prometheus-client's threaded WSGI server, with a listen backlog for a burst of scrapes (its
+    default of 5 makes the 6th concurrent connection wait for a SYN retry, about 1 s)."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class _V6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - no access log on stderr
+        return None
+
+
+def serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """Serve ``registry`` at http://HOST:PORT/metrics from a daemon thread."""
+    server = make_server(host, port, make_wsgi_app(registry), _V6Server if ":" in host else _Server,
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="atlasd-metrics-http", daemon=True).start()
+    return server
 
 
 class MetricsComponent:
@@ -168,17 +238,22 @@ class MetricsComponent:
         self.log = get_logger("metrics")
         self.server = None
         self.port: int | None = None
+        self.collector: StatusCollector | None = None
+        self._refresher: threading.Thread | None = None
 
     async def start(self, daemon: Any) -> None:
         if not self.settings.metrics_addr:
             self.log.info("metrics endpoint disabled (ATLASD_METRICS_ADDR is empty)")
             return
         host, port = split_host_port(self.settings.metrics_addr)
+        self.collector = StatusCollector(self.settings)
         try:
-            self.server, _ = start_http_server(port, host, registry=registry_for(self.settings))
+            self.server = serve(host, port, registry_for(self.collector))
         except OSError as exc:
             self.log.error("metrics endpoint not started", addr=self.settings.metrics_addr, error=str(exc))
             return
+        self._refresher = threading.Thread(target=self.collector.run, name="atlasd-metrics", daemon=True)
+        self._refresher.start()
         self.port = self.server.server_port
         shown = f"[{host}]" if ":" in host else host
         self.log.info("metrics endpoint", url=f"http://{shown}:{self.port}/metrics", host=host, port=self.port)
@@ -194,6 +269,10 @@ class MetricsComponent:
             await asyncio.to_thread(self.server.shutdown)
             self.server.server_close()
             self.server = None
+        if self._refresher is not None:
+            self.collector.stopping.set()
+            await asyncio.to_thread(self._refresher.join, SCRAPE_CONNECT_TIMEOUT_S + 15)
+            self._refresher = None
 
 
 def create_component(settings: Settings) -> MetricsComponent:

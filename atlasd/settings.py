@@ -131,6 +131,10 @@ class Settings(BaseSettings):
         default="127.0.0.1:9464",
         description="HOST:PORT of the Prometheus endpoint (/metrics); empty disables it; port 0 picks a free one.",
     )
+    metrics_refresh_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="How often the metrics cache is refreshed (one database connection); scrapes read the cache.",
+    )
 
     @field_validator("metrics_addr")
     @classmethod

@@ -34,11 +34,11 @@ from atlasd.settings import load_settings
 from atlasd.status import collect_status
 from tests import pg
 from tests.daemonproc import DaemonProcess, sdk_write_sessions, wait_until
-from tests.test_service import NotifySocket, PgProxy, cli_status, scrape
+from tests.test_service import NotifySocket, PgProxy, cli_status, scrape_fresh
 
 ATLASD_APPS = "application_name LIKE 'atlasd%'"  # every connection of the daemon (and of its CLI)
 # reconnect and retry backoff capped at 1 s; a heartbeat (and lock check) every second
-FAST = {"ATLASD_RECONNECT_MAX_BACKOFF_S": "1", "WATCHDOG_USEC": "2000000"}
+FAST = {"ATLASD_RECONNECT_MAX_BACKOFF_S": "1", "WATCHDOG_USEC": "2000000", "ATLASD_METRICS_REFRESH_S": "1"}
 
 
 @pytest.fixture()
@@ -373,7 +373,7 @@ def test_a_missing_or_disabled_notify_trigger_shows_in_status(db_url: str, tmp_p
         assert [p.split(" is ")[0] for p in status["problems"]] == [
             "NOTIFY trigger atlasd_sessions_ready_ins", "NOTIFY trigger atlasd_sessions_ready_upd"]
         assert "slow poll" in status["problems"][0]
-        metrics = scrape(daemon.find("metrics endpoint", component="metrics")[0]["port"])
+        metrics = scrape_fresh(daemon.find("metrics endpoint", component="metrics")[0]["port"], time.time())
         assert metrics[("atlasd_notify_trigger_enabled", frozenset({"trigger": "atlasd_sessions_ready_upd"}.items()))] == 0
         assert metrics[("atlasd_degraded_seconds", frozenset({"part": "notify-trigger"}.items()))] >= 0
         text = subprocess.run([sys.executable, "-m", "atlasd", "status"], env={

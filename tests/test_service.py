@@ -5,6 +5,7 @@ the Prometheus endpoint compared with `atlasd status --json`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -303,6 +304,14 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def scrape_fresh(port: int, since: float, timeout: float = 15) -> dict[tuple[str, frozenset], float]:
+    """A scrape whose cached values were read from the database after ``since`` (time.time())."""
+    def fresh():
+        metrics = scrape(port)
+        return metrics if metrics.get(("atlasd_metrics_refreshed_timestamp_seconds", frozenset()), 0) >= since else None
+    return wait_until(fresh, timeout, "a metrics refresh", interval=0.2)
+
+
 def cli_status(db_url: str, policies: Path) -> dict:
     env = {**os.environ, "ATLASD_DB_URL": db_url, "ATLASD_POLICIES_DIR": str(policies), "ATLASD_LOG_FORMAT": "json"}
     out = subprocess.run([sys.executable, "-m", "atlasd", "status", "--json"], cwd=ROOT, env=env,
@@ -327,7 +336,7 @@ def test_metrics_endpoint_serves_the_documented_series_matching_atlasd_status(db
     sql(db_url, """INSERT INTO atlasd.promotions (policy, registered_model, from_version, to_version, action, actor)
                    VALUES ('p', 'atlasd-p', NULL, '1', 'promote', 'atlasd'), ('p', 'atlasd-p', '1', '2', 'reject', 'atlasd'),
                           ('p', 'atlasd-p', '1', '3', 'promote', 'atlasd')""")
-    with DaemonProcess(db_url, tmp_path) as daemon:
+    with DaemonProcess(db_url, tmp_path, ATLASD_METRICS_REFRESH_S="0.5") as daemon:
         port = daemon.wait_for("metrics endpoint", component="metrics")["port"]
         daemon.wait_for("ready")
         sql(db_url, """INSERT INTO atlasd.runs (policy, gear, state, trigger, window_lo, window_hi, started_at, metrics)
@@ -337,7 +346,7 @@ def test_metrics_endpoint_serves_the_documented_series_matching_atlasd_status(db
                    "9 sessions recorded, 1 revoked")
         wait_until(lambda: sql(db_url, "SELECT listener_connected FROM atlasd.daemon_state")[0][0], 10, "heartbeat")
 
-        metrics = scrape(port)
+        metrics = scrape_fresh(port, time.time())
         status = cli_status(db_url, tmp_path / "policies")
 
     def value(name: str, **labels: str) -> float:
@@ -394,19 +403,56 @@ async def test_a_scrape_with_the_database_down_answers_up_0(tmp_path: Path) -> N
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
     settings = load_settings(db_url=f"postgresql://atlasd:s3cret-pw@127.0.0.1:{dead}/atlas",
-                             metrics_addr="127.0.0.1:0", policies_dir=tmp_path)
+                             metrics_addr="127.0.0.1:0", policies_dir=tmp_path, metrics_refresh_s=0.2)
     component = MetricsComponent(settings)
     await component.start(None)
     try:
+        first = await asyncio.to_thread(wait_until, lambda: (m := scrape(component.port))[
+            ("atlasd_scrape_errors_total", frozenset())] >= 1 and m, 10, "a failed refresh")
+        second = await asyncio.to_thread(wait_until, lambda: (m := scrape(component.port))[
+            ("atlasd_scrape_errors_total", frozenset())] >= 2 and m, 10, "a second failed refresh")
         with urllib.request.urlopen(f"http://127.0.0.1:{component.port}/metrics", timeout=10) as resp:
-            first = resp.read().decode()
-        with urllib.request.urlopen(f"http://127.0.0.1:{component.port}/metrics", timeout=10) as resp:
-            second = resp.read().decode()
+            text = resp.read().decode()
     finally:
         await component.stop()
-    assert "atlasd_up 0.0" in first and "atlasd_scrape_errors_total 1.0" in first
-    assert "atlasd_scrape_errors_total 2.0" in second
-    assert "atlasd_intake" not in first and "s3cret" not in first
+    assert first[("atlasd_up", frozenset())] == 0 and second[("atlasd_up", frozenset())] == 0
+    assert not any(name.startswith("atlasd_intake") for name, _ in second)
+    assert "s3cret" not in text
+
+
+def test_concurrent_scrapes_answer_from_the_cache_on_one_connection(db_url: str, tmp_path: Path) -> None:
+    """50 scrapes at once, while an ACCESS EXCLUSIVE lock on sessions holds every reader: each
+    answers within 1 s, atlasd holds at most one metrics connection, and a refresh that cannot get
+    its lock within 1 s gives up (atlasd_up 0) instead of queueing the SDK behind it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy_file(tmp_path / "policies")
+    with DaemonProcess(db_url, tmp_path, ATLASD_METRICS_REFRESH_S="0.5") as daemon:
+        port = daemon.wait_for("metrics endpoint", component="metrics")["port"]
+        daemon.wait_for("ready")
+        assert scrape_fresh(port, time.time())[("atlasd_up", frozenset())] == 1
+
+        def timed(_: int) -> float:
+            t = time.monotonic()
+            scrape(port)
+            return time.monotonic() - t
+
+        def metrics_connections() -> int:
+            return sql(db_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'atlasd-metrics'")[0][0]
+
+        with psycopg.connect(db_url) as holder:
+            holder.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(50) as pool:
+                seen = [metrics_connections()]
+                durations = list(pool.map(timed, range(50)))
+                seen.append(metrics_connections())
+            down = wait_until(lambda: (m := scrape(port))[("atlasd_up", frozenset())] == 0 and m, 15,
+                              "a refresh giving up on the lock")
+            holder.rollback()
+        assert max(durations) < 1.0, sorted(durations)[-5:]
+        assert max(seen) <= 1, seen
+        assert down[("atlasd_scrape_errors_total", frozenset())] >= 1
+        assert scrape_fresh(port, time.time())[("atlasd_up", frozenset())] == 1  # back once the lock is gone
 
 
 def test_metrics_addr_setting() -> None:
