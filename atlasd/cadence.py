@@ -8,6 +8,10 @@ Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks t
   counted; with ``k = floor(pending / every) >= 1`` it fires once with the window ending at the
   ``k * every``-th of them (the rest stay pending), unless paused or within ``min_interval`` of
   its last fire. A queued batch run of the same gear absorbs the fire (coalescing).
+* any fire takes at most the gear's ``filters.max_traces`` traces, the newest (the window's lower
+  bound moves up; the older ones are skipped, said in the reason and the log, and remain
+  rehearsal candidates): a new or renamed policy never trains on the whole history at once.
+  ``atlasd trigger --backfill`` (mode ``backfill``) lifts the cap.
 * **cron** gear: APScheduler 3.11 is only the timer that wakes us at the tick. The latest tick
   in ``(max(last_fire_at, armed_at), now]`` is due: within ``CRON_ON_TIME`` of its time it runs
   as ``cron``; older but within the catch-up window (policy ``catchup_window`` or
@@ -47,7 +51,7 @@ from atlasd.policies import Gear, Policy, PolicySet
 from atlasd.settings import Settings
 
 CRON_ON_TIME = timedelta(seconds=60)  # a tick evaluated this soon after its time is on time ('cron')
-Mode = Literal["auto", "manual"]
+Mode = Literal["auto", "manual", "backfill"]  # backfill: manual, without filters.max_traces
 
 
 def utc_now() -> datetime:
@@ -78,6 +82,7 @@ class GearPlan:
     skipped_fire_at: datetime | None = None
     skipped_reason: str | None = None
     run_id: int | None = None  # set when applied
+    skipped_traces: int = 0  # pending traces left out of the run by filters.max_traces
 
     def to_json(self) -> dict[str, Any]:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
@@ -115,7 +120,10 @@ SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*')) AS
          WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch') AS queued_run_id,
        count(*) AS pending,
        COALESCE(max(seq), %(lo)s) AS all_hi,
-       max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s) AS batch_hi
+       max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s) AS batch_hi,
+       -- the window's lower bound when only the newest max_traces go in (NULL: they all fit)
+       max(seq) FILTER (WHERE rn <= n - %(max_traces)s) AS cap_lo_all,
+       max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s - %(max_traces)s) AS cap_lo_batch
   FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
           FROM atlasd.intake
          WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
@@ -264,6 +272,7 @@ def _inputs_params(policy: Policy, gear_name: str, state: _State, now: datetime)
         "key": policy.learning_key,
         "min_reward": gear.filters.min_reward,
         "max_age": timedelta(days=gear.filters.max_age_days) if gear.filters.max_age_days else None,
+        "max_traces": gear.filters.max_traces,
         "now": now,
     }
 
@@ -319,17 +328,22 @@ def _decide(
     """Fill in the plan's action/trigger/window/reason; return the fire time to record."""
 
     def fire(trigger: str, hi: int, n: int, reason: str) -> None:
+        lo, cap = state.last_window_hi, gear.filters.max_traces
+        if n > cap and mode != "backfill":  # only the newest `cap` go in
+            lo = counts["cap_lo_batch"] if trigger == "batch" else counts["cap_lo_all"]
+            plan.skipped_traces, n = n - cap, cap
+            reason += (f"; the {plan.skipped_traces} oldest left out (filters.max_traces {cap}; "
+                       "`atlasd trigger --backfill` takes them all)")
         plan.action = "coalesce" if gear.kind == "batch" and plan.queued_run_id else "enqueue"
-        plan.trigger, plan.window_lo, plan.window_hi, plan.n_traces, plan.reason = (
-            trigger, state.last_window_hi, hi, n, reason)
+        plan.trigger, plan.window_lo, plan.window_hi, plan.n_traces, plan.reason = trigger, lo, hi, n, reason
 
     if gear.kind == "cron":
         plan.next_fire_at = next_tick(gear, now)
-    if mode == "manual":
+    if mode != "auto":
         if not counts["pending"]:  # a run with an empty window could only fail (queue.EmptyWindow)
             plan.reason = NO_NEW_TRACES
             return None
-        fire("manual", counts["all_hi"], counts["pending"], "manual trigger")
+        fire("manual", counts["all_hi"], counts["pending"], "manual trigger" + (" (backfill)" if mode == "backfill" else ""))
         return now
 
     if gear.kind == "batch":
@@ -392,11 +406,14 @@ async def plan_all(conn: psycopg.AsyncConnection, policies: PolicySet, settings:
 
 
 async def trigger_manual(
-    conn: psycopg.AsyncConnection, policy: Policy, gear: str, settings: Settings, now: datetime
+    conn: psycopg.AsyncConnection, policy: Policy, gear: str, settings: Settings, now: datetime, *,
+    backfill: bool = False,
 ) -> GearPlan:
-    """`atlasd trigger POLICY --gear GEAR`: queue a run now with every pending trace (ignores pause)."""
+    """`atlasd trigger POLICY --gear GEAR [--backfill]`: queue a run now with the pending traces
+    (the newest ``filters.max_traces``; every one with ``backfill``); ignores pause."""
     return await evaluate_gear(
-        conn, policy, gear, now=now, catchup_window=catchup_window(policy, settings), mode="manual"
+        conn, policy, gear, now=now, catchup_window=catchup_window(policy, settings),
+        mode="backfill" if backfill else "manual",
     )
 
 
@@ -603,6 +620,7 @@ class CadenceComponent:
                 window_lo=plan.window_lo,
                 window_hi=plan.window_hi,
                 n_traces=plan.n_traces,
+                skipped_traces=plan.skipped_traces,
                 reason=plan.reason,
             )
         elif plan.action == "skip":

@@ -163,6 +163,10 @@ class Filters(_Strict):
     max_session_bytes: int = Field(
         MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
         description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
+    max_traces: int = Field(
+        20_000, gt=0, le=10_000_000,
+        description="At most this many new traces go into one run, the newest; older pending ones are skipped "
+                    "(reported; still sampled as rehearsal). `atlasd trigger --backfill` takes them all.")
 
 
 class Gear(_Strict):
@@ -172,6 +176,13 @@ class Gear(_Strict):
     optim: OptimSettings = OptimSettings()
     eval: EvalSpec = EvalSpec()
     wall_clock_limit: Duration = Field(timedelta(hours=24), description="The runner stops a run after this long.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> Gear:
+        if self.trigger.batch is not None and self.trigger.batch.every > self.filters.max_traces:
+            raise ValueError(f"trigger.batch.every ({self.trigger.batch.every}) is larger than filters.max_traces "
+                             f"({self.filters.max_traces}): every run would skip traces")
+        return self
 
     @property
     def kind(self) -> Literal["batch", "cron"]:

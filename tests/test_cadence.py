@@ -309,3 +309,34 @@ async def test_a_corrected_forward_clock_step_does_not_silence_a_cron_gear(db_ur
         fired = await evaluate_gear(conn, policy, "nightly", now=clock(), catchup_window=DAY)
         assert (fired.action, fired.trigger) == ("enqueue", "cron")
         assert (await runs(conn))[-1].scheduled_for == utc(2026, 5, 2, 1, 30)
+
+
+async def test_a_fire_takes_at_most_max_traces_the_newest_and_backfill_takes_all(db_url: str) -> None:
+    """A new policy over a long history: its first run gets the newest filters.max_traces, the
+    older ones are reported left out; `atlasd trigger --backfill` takes every pending trace."""
+    policy = make_policy(fast=batch_gear(2, max_traces=3), hq=cron_gear("30 1 * * *", max_traces=2))
+    clock = Clock(utc(2026, 5, 1, 0))
+    async with await aconn(db_url) as conn:
+        await evaluate_gear(conn, policy, "hq", now=clock(), catchup_window=DAY)
+        seqs = await record(conn, 7)
+        fast = await evaluate_gear(conn, policy, "fast", now=clock(), catchup_window=DAY)
+        assert (fast.action, fast.window_lo, fast.window_hi, fast.n_traces, fast.skipped_traces) == (
+            "enqueue", seqs[2], seqs[5], 3, 3)  # 6 of 7 fire (every 2): the newest 3 of those go in
+        assert "the 3 oldest left out (filters.max_traces 3" in fast.reason
+        clock.now = utc(2026, 5, 1, 1, 30, 1)
+        hq = await evaluate_gear(conn, policy, "hq", now=clock(), catchup_window=DAY)
+        assert (hq.trigger, hq.window_lo, hq.window_hi, hq.n_traces, hq.skipped_traces) == ("cron", seqs[4], seqs[6], 2, 5)
+        more = await record(conn, 4)
+        planned = await evaluate_gear(conn, policy, "hq", now=clock(), catchup_window=DAY, apply=False)
+        assert planned.action == "none"  # the next tick is tomorrow
+        manual = await trigger_manual(conn, policy, "hq", load_settings(), clock())
+        assert (manual.window_lo, manual.n_traces, manual.skipped_traces) == (more[1], 2, 2)
+        await record(conn, 3)
+        backfill = await trigger_manual(conn, policy, "hq", load_settings(), clock(), backfill=True)
+        assert (backfill.window_lo, backfill.n_traces, backfill.skipped_traces) == (more[3], 3, 0)
+        assert [r.n_traces for r in await runs(conn)] == [3, 2, 2, 3]
+
+
+def test_a_batch_larger_than_max_traces_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"trigger.batch.every \(50\) is larger than filters.max_traces \(10\)"):
+        make_policy(fast=batch_gear(50, max_traces=10))

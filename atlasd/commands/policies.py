@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trigger", help="queue a run of a policy's gear now (manual; same path as automatic runs)")
     p.add_argument("policy")
     p.add_argument("--gear", required=True)
+    p.add_argument("--backfill", action="store_true",
+                   help="every pending trace, beyond the gear's filters.max_traces (a deliberate backfill)")
     p.set_defaults(func=cmd_trigger)
 
     p = sub.add_parser("pause", help="stop automatic triggers of one policy, or of all (manual triggers still work)")
@@ -152,7 +154,8 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         raise CommandError(f"no valid policy {args.policy!r} in {settings.policies_dir} (valid policies: {known})")
     if args.gear not in policy.gears:
         raise CommandError(f"policy {policy.name!r} has no gear {args.gear!r} (gears: {', '.join(policy.gears)})")
-    plan = with_db(settings, lambda conn: cadence.trigger_manual(conn, policy, args.gear, settings, cadence.utc_now()))
+    plan = with_db(settings, lambda conn: cadence.trigger_manual(conn, policy, args.gear, settings, cadence.utc_now(),
+                                                                 backfill=args.backfill))
     if plan.action not in ("enqueue", "coalesce"):
         raise CommandError(f"nothing queued for {policy.name}/{args.gear}: {plan.reason}")
     if plan.action == "coalesce":
@@ -161,6 +164,10 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     else:
         print(f"queued run {plan.run_id}: {policy.name}/{args.gear}, manual, window ({plan.window_lo}, "
               f"{plan.window_hi}], {plan.n_traces} traces")
+    if plan.skipped_traces:
+        print(f"{plan.skipped_traces} older pending traces left out (filters.max_traces "
+              f"{policy.gears[args.gear].filters.max_traces}); `atlasd trigger {policy.name} --gear {args.gear} "
+              "--backfill` would take them all")
     return 0
 
 
