@@ -164,7 +164,7 @@ def test_every_connection_terminated_mid_burst_and_mid_run_loses_nothing(db_url:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "p.yaml").write_text(yaml.safe_dump({
         "teacher": "t", "student": "s", "retry": {"max_retries": 0},
-        "gears": {"fast": {"trigger": {"batch": {"every": 100000}}}}}))
+        "gears": {"fast": {"trigger": {"batch": {"every": 20000}}}}}))
     kills: list[list[str]] = []
     killed_at: list[float] = []
 

@@ -127,7 +127,7 @@ def write_policy(policies: Path, name: str, *, max_retries: int = 0, resume_inte
     policies.mkdir(exist_ok=True)
     doc = {"name": name, "teacher": "stand-in-teacher", "student": "stand-in-student", "learning_key": "math",
            "retry": {"max_retries": max_retries}, "resume_interrupted": resume_interrupted,
-           "gears": {"fast": {"trigger": {"batch": {"every": 100000}}, "wall_clock_limit": wall_clock_limit}}}
+           "gears": {"fast": {"trigger": {"batch": {"every": 20000}}, "wall_clock_limit": wall_clock_limit}}}
     (policies / f"{name}.yaml").write_text(yaml.safe_dump(doc))
 
 

@@ -39,7 +39,7 @@ def write_policy(policies: Path, name: str, tiny_models: tuple[str, str], *, tea
         "targets": {"baseline_success": 0.0, "min_success_delta": 0.0},
         "gears": {
             "fast": {
-                "trigger": {"batch": {"every": 100000}},  # runs come from the tests, not the cadence
+                "trigger": {"batch": {"every": 20000}},  # runs come from the tests, not the cadence
                 "filters": {"min_reward": 0.5, "rehearsal_fraction": 0.0},
                 "gkd": {"max_new_tokens": 6, "lmbda": 0.5},
                 "optim": {"learning_rate": 5e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
