@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "atlasd.commands.status",
     "atlasd.commands.policies",
     "atlasd.commands.runs",
+    "atlasd.commands.gc",
     "atlasd.commands.demo",
 ]
 

@@ -51,7 +51,8 @@ from atlasd.settings import Settings
 from atlasd.status import status_line
 
 # modules exposing ``create_component(settings) -> Component``, started in this order
-COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions", "atlasd.metrics"]
+COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions", "atlasd.metrics",
+                                 "atlasd.retention"]
 
 POOL_MAX_SIZE = 4
 POOL_TIMEOUT_S = 10.0  # pool.connection() gives up (PoolTimeout) after this long without a working connection

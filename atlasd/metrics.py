@@ -139,7 +139,12 @@ def families(status: dict[str, Any] | None, scrape_errors: int, refreshed_at: fl
         if str(c["version"]).isdigit():  # MLflow versions are integers
             champion.add_metric([policy, c["registered_model"]], int(c["version"]))
 
-    return [up, errors, refreshed, daemon_running, listener, queue_usage, trigger, degraded, reconcile_age, usable, by_key,
+    disk = gauge("atlasd_disk_bytes", "Disk use under the state dir by kind, as of the last gc "
+                 "(runs_total, periodic_checkpoints, final_models, registry_cache, mlflow_*, filesystem_free)", ["kind"])
+    for kind, n in ((status.get("disk") or {}).get("usage_bytes") or {}).items():
+        disk.add_metric([kind], n)
+
+    return [up, errors, refreshed, disk, daemon_running, listener, queue_usage, trigger, degraded, reconcile_age, usable, by_key,
             malformed, revoked, backlog, pending, threshold, paused, runs, last_success, *training, promotions, champion]
 
 

@@ -131,6 +131,14 @@ class Settings(BaseSettings):
         default="127.0.0.1:9464",
         description="HOST:PORT of the Prometheus endpoint (/metrics); empty disables it; port 0 picks a free one.",
     )
+    keep_versions: int = Field(
+        default=5, ge=0, le=10_000,
+        description="Retention: run folders of each policy's last N model versions are kept (besides the champion "
+                    "and the previous champion).")
+    keep_days: float = Field(default=14.0, ge=0, le=36_500,
+                             description="Retention: run folders of runs finished less than this many days ago are kept.")
+    gc_interval_s: float = Field(default=3600.0, ge=0,
+                                 description="How often the daemon applies the retention policy (0: only `atlasd gc`).")
     metrics_refresh_s: float = Field(
         default=10.0, gt=0, le=3600,
         description="How often the metrics cache is refreshed (one database connection); scrapes read the cache.",

@@ -22,6 +22,7 @@ from atlasd.lock import DAEMON_LOCK_KEY, HEARTBEAT_STALE_S
 from atlasd.policies import Policy
 from atlasd.promotions import champions
 from atlasd.queue import counts_by_state_sync
+from atlasd.retention import last_gc
 from atlasd.settings import Settings
 
 
@@ -53,6 +54,7 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
         "registrations": registrations,
         "runner": _runner(conn),
         "promotions": _promotions(conn),
+        "disk": last_gc(settings),  # the last gc's figures (`atlasd gc --dry-run` measures now)
         **status_sections(conn, settings),
     }
 

@@ -1,0 +1,40 @@
+"""`atlasd gc [--dry-run] [--json]`: apply the retention policy now (atlasd/retention.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+
+from atlasd.commands import cli_settings
+from atlasd.db import connect
+from atlasd.retention import run_gc
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gc", help="remove run folders, periodic checkpoints and cached models the retention "
+                                  "policy no longer keeps (the daemon does it every ATLASD_GC_INTERVAL_S)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=cmd_gc)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    settings = cli_settings()
+    with connect(settings.dsn, autocommit=True, application_name="atlasd-gc") as conn:
+        report = run_gc(conn, settings, datetime.now(UTC), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for r in report.removals:
+        print(f"{verb} {r.what} {r.path} ({_gb(r.bytes)}): {r.why}")
+    for path, why in report.kept.items():
+        print(f"kept {path}: {why}")
+    print(f"{verb} {len(report.removals)} item(s), {_gb(report.freed)}; disk use: "
+          + ", ".join(f"{k} {_gb(v)}" for k, v in report.usage.items()))
+    return 0
