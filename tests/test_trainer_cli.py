@@ -171,6 +171,25 @@ def test_run_refuses_before_loading_when_the_plan_does_not_fit(tiny_models, tmp_
     assert not (tmp_path / "out" / "data").exists()
 
 
+def test_run_refuses_before_loading_when_the_disk_is_too_small(tiny_models, tmp_path):
+    """Less free disk than the run's checkpoints and final model need: exit 2 with the numbers."""
+    from trainers.plan import build_plan, disk_plan
+    from trainers.run import load_spec
+
+    spec = write_spec(tmp_path / "spec.json", tiny_models, tmp_path / "out")
+    disk = disk_plan(load_spec(spec), build_plan(load_spec(spec), device_type="cpu"))
+    assert disk.checkpoints == 3 and disk.checkpoint_bytes > 0 and disk.final_bytes > 0 and disk.existing_bytes == 0
+    assert disk.need_bytes == 3 * disk.checkpoint_bytes + disk.final_bytes
+    env = {**child_env("postgresql://u@127.0.0.1:1/nowhere"), "ATLASD_DISK_FREE_GB": "0.000001"}
+    run = subprocess.run([sys.executable, "-m", "trainers", "run", str(spec)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == EXIT_BAD_SPEC
+    error = json.loads(run.stdout.splitlines()[0])["error"]
+    assert error.startswith(f"disk: {tmp_path / 'out'} has 0.0 GB free; this run needs about") and "atlasd gc" in error
+    assert "3 checkpoints of" in error
+    assert not (tmp_path / "out" / "data").exists()
+
+
 def test_a_new_run_never_overwrites_checkpoints(tiny_models, tmp_path):
     from trainers.run import check_spec, load_spec
 

@@ -81,6 +81,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -821,6 +822,71 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append("Notes:")
         lines += [f"  - {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+# --- disk --------------------------------------------------------------------------------------
+ENV_DISK_FREE = "ATLASD_DISK_FREE_GB"  # pretend this much free disk (tests; a disk shared with others)
+
+
+class DiskRefused(BadSpec):
+    """Not enough free disk for the run's checkpoints; the message has the numbers (exit 2)."""
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What the run writes at most in ``folder``: ``KEEP_CHECKPOINTS`` periodic checkpoints (+1
+    while a new one is written before the oldest goes), each the student as trained (``student
+    weights``) plus its optimizer state, and ``final/`` in the compute dtype. A resumed run's
+    checkpoints already on disk count as written."""
+
+    folder: Path
+    checkpoints: int
+    checkpoint_bytes: int
+    final_bytes: int
+    existing_bytes: int
+    free_bytes: int
+
+    @property
+    def need_bytes(self) -> int:
+        return max(0, self.checkpoints * self.checkpoint_bytes + self.final_bytes - self.existing_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.free_bytes
+
+    def describe(self) -> str:
+        return (f"disk: {self.folder} has {_gb(self.free_bytes)} GB free; this run needs about {_gb(self.need_bytes)} GB "
+                f"({self.checkpoints} checkpoints of {_gb(self.checkpoint_bytes)} GB (weights and optimizer state) + "
+                f"final model {_gb(self.final_bytes)} GB" + (f" - {_gb(self.existing_bytes)} GB already written"
+                                                             if self.existing_bytes else "") + ")")
+
+
+def disk_plan(spec: RunSpec, plan: MemoryPlan) -> DiskPlan:
+    from trainers.gkd import KEEP_CHECKPOINTS
+
+    student = model_shape(spec.student, "student")
+    checkpoint = plan.part("student weights").bytes + plan.part("optimizer state").bytes
+    final = student.n_params * (2 if plan.precision == "bf16-mixed" else 4)
+    folder = spec.output_dir
+    existing = sum(_tree_bytes(folder / d) for d in ("checkpoints", "final"))
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = int(float(os.environ[ENV_DISK_FREE]) * GiB) if os.environ.get(ENV_DISK_FREE) else shutil.disk_usage(probe).free
+    return DiskPlan(folder, KEEP_CHECKPOINTS + 1, checkpoint, final, existing, free)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def check_disk(spec: RunSpec, plan: MemoryPlan) -> DiskPlan:
+    """The disk plan; raises ``DiskRefused`` (numbers and what to do) when the run would fill the disk."""
+    disk = disk_plan(spec, plan)
+    if not disk.fits:
+        raise DiskRefused(f"{disk.describe()}: free space first (`atlasd gc --dry-run` lists what the retention "
+                          "policy would remove) or lower ATLASD_KEEP_VERSIONS / ATLASD_KEEP_DAYS")
+    return disk
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -91,17 +91,20 @@ def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
 
 
 def _memory_plan(spec: RunSpec, warnings: list[str]):
-    """The memory plan (``trainers.plan``); ``PlanRefused`` (a ``BadSpec``) when the run does not fit.
-    A plan that cannot be made (a hub model whose config is not in the local cache) is a warning."""
-    from trainers.plan import PlanError, PlanRefused, check_memory
+    """The memory plan and the disk check (``trainers.plan``); ``PlanRefused`` / ``DiskRefused``
+    (``BadSpec``) when the run does not fit the device or the disk. A plan that cannot be made (a
+    hub model whose config is not in the local cache) is a warning, and so no disk check."""
+    from trainers.plan import PlanError, PlanRefused, check_disk, check_memory
 
     try:
-        return check_memory(spec)
+        plan = check_memory(spec)
     except PlanRefused:
         raise
     except PlanError as exc:
         warnings.append(f"memory plan: {exc}")
         return None
+    check_disk(spec, plan)
+    return plan
 
 
 # --- run ---------------------------------------------------------------------------------------
