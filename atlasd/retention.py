@@ -17,6 +17,12 @@ folder can hold several runs) and the registry's download cache (``STATE_DIR/reg
 - a cached download is removed unless its version is kept by the same rules (champion, previous
   champion, the last ``keep_versions``); half-finished downloads older than a day go too.
 
+Revoked sessions (quarantined, un-approved or deleted after they were recorded) are purged from
+the run folders: their lines go from the data snapshots (``data/*.jsonl``) and eval samples
+(``eval/*.jsonl``) of every folder that is not live (a live folder's snapshot is what an exact
+resume checks; it is purged once the folder is no longer live). ``atlasd purge --revoked`` does it
+now; every gc does it too.
+
 Nothing outside ``STATE_DIR/runs`` and ``STATE_DIR/registry-cache`` is ever removed (a run row
 pointing elsewhere is ignored). MLflow's own artifact copies are MLflow's (its UI deletes them).
 Each gc writes ``STATE_DIR/gc.json`` (disk use per kind, what it removed); ``atlasd status``
@@ -56,12 +62,20 @@ class Removal:
 
 
 @dataclass
+class Purged:
+    path: str
+    lines: int  # lines of revoked sessions removed
+
+
+@dataclass
 class GcReport:
     dry_run: bool
     removals: list[Removal] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # folder -> why it is kept whole
     usage: dict[str, int] = field(default_factory=dict)  # kind -> bytes, after the gc
     at: str = ""
+    purged: list[Purged] = field(default_factory=list)
+    purge_waiting: dict[str, int] = field(default_factory=dict)  # live folder -> revoked lines left for later
 
     @property
     def freed(self) -> int:
@@ -69,7 +83,8 @@ class GcReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "at": self.at, "freed_bytes": self.freed,
-                "removals": [asdict(r) for r in self.removals], "kept": self.kept, "usage_bytes": self.usage}
+                "removals": [asdict(r) for r in self.removals], "kept": self.kept, "usage_bytes": self.usage,
+                "purged": [asdict(p) for p in self.purged], "purge_waiting": self.purge_waiting}
 
 
 def tree_bytes(path: Path) -> int:
@@ -136,9 +151,26 @@ def _kept_versions(rows: list[dict], champions: list[tuple], keep_versions: int)
     return kept
 
 
-def plan_gc(conn: psycopg.Connection, settings: Settings, now: datetime) -> GcReport:
-    """What a gc would remove now (nothing is removed here)."""
-    report = GcReport(dry_run=True, at=now.isoformat())
+@dataclass
+class _Folders:
+    """Run folders classified from the database (see the module doc)."""
+
+    rows: list[dict]
+    kept_versions: dict[tuple[str, str], str]
+    live: dict[Path, str]  # folder -> why nothing in it may change
+    keep: dict[Path, str]  # folder -> why it is kept (its periodic checkpoints go)
+    root: Path
+
+    def users(self, folder: Path) -> list[int]:
+        return [r["id"] for r in self.rows if r["folder"] == folder]
+
+    def run_folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
+
+
+def _classify(conn: psycopg.Connection, settings: Settings, now: datetime) -> _Folders:
     cur = conn.cursor(row_factory=dict_row)
     rows = cur.execute(_RUNS).fetchall()
     champions = conn.execute(_CHAMPIONS).fetchall()
@@ -172,32 +204,31 @@ def plan_gc(conn: psycopg.Connection, settings: Settings, now: datetime) -> GcRe
             keep.setdefault(folder, f"run {r['id']} made v{r['model_version']}: {why}")
         elif r["finished_at"] is not None and now - r["finished_at"] < timedelta(days=settings.keep_days):
             keep.setdefault(folder, f"run {r['id']} finished less than {settings.keep_days:g} days ago")
+    for r in rows:
+        r["folder"] = folder_of(r)
+    return _Folders(rows, kept_versions, live, keep, root)
 
-    if root.is_dir():
-        for folder in sorted(root.iterdir(), key=lambda p: p.name):
-            if not folder.is_dir() or folder.is_symlink():
-                continue
-            if folder in live:
-                report.kept[str(folder)] = live[folder]
-            elif folder in keep:
-                report.kept[str(folder)] = keep[folder]
-                periodic = folder / "checkpoints"
-                if periodic.is_dir():
-                    report.removals.append(Removal(str(periodic), "periodic checkpoints", tree_bytes(periodic),
-                                                   "every run in the folder has finished (the model is final/)"))
-            else:
-                report.removals.append(Removal(str(folder), "run folder", tree_bytes(folder),
-                                               _why_not_kept(folder, rows, folder_of)))
-    _plan_cache(report, settings, kept_versions)
+
+def plan_gc(conn: psycopg.Connection, settings: Settings, now: datetime) -> GcReport:
+    """What a gc would remove now (nothing is removed here)."""
+    report = GcReport(dry_run=True, at=now.isoformat())
+    folders = _classify(conn, settings, now)
+    for folder in folders.run_folders():
+        if folder in folders.live:
+            report.kept[str(folder)] = folders.live[folder]
+        elif folder in folders.keep:
+            report.kept[str(folder)] = folders.keep[folder]
+            periodic = folder / "checkpoints"
+            if periodic.is_dir():
+                report.removals.append(Removal(str(periodic), "periodic checkpoints", tree_bytes(periodic),
+                                               "every run in the folder has finished (the model is final/)"))
+        else:
+            ids = folders.users(folder)
+            why = (f"run{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}: finished, older than the keep "
+                   "window, and not a kept model version") if ids else "no run in the database uses it"
+            report.removals.append(Removal(str(folder), "run folder", tree_bytes(folder), why))
+    _plan_cache(report, settings, folders.kept_versions)
     return report
-
-
-def _why_not_kept(folder: Path, rows: list[dict], folder_of) -> str:
-    ids = [r["id"] for r in rows if folder_of(r) == folder]
-    if not ids:
-        return "no run in the database uses it"
-    return (f"run{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}: finished, older than the keep window, "
-            "and not a kept model version")
 
 
 def _plan_cache(report: GcReport, settings: Settings, kept_versions: dict[tuple[str, str], str]) -> None:
@@ -217,18 +248,65 @@ def _plan_cache(report: GcReport, settings: Settings, kept_versions: dict[tuple[
                                                "not the champion, the previous champion or a recent version"))
 
 
+PURGE_GLOBS = ("data/*.jsonl", "eval/*.jsonl")  # the files of a run folder that hold session text
+_REVOKED = "SELECT DISTINCT session_id FROM atlasd.intake WHERE revoked_at IS NOT NULL"
+
+
+def purge_revoked(conn: psycopg.Connection, settings: Settings, now: datetime, *,
+                  dry_run: bool) -> tuple[list[Purged], dict[str, int]]:
+    """Remove revoked sessions' lines from the run folders that are not live (by session id: a
+    reused id is purged with the revoked one). Returns what was (or would be) purged and, per live
+    folder, the lines left for a later purge."""
+    ids = {row[0] for row in conn.execute(_REVOKED).fetchall()}
+    purged: list[Purged] = []
+    waiting: dict[str, int] = {}
+    if not ids:
+        return purged, waiting
+    folders = _classify(conn, settings, now)
+    for folder in folders.run_folders():
+        live = folder in folders.live
+        for path in (p for pattern in PURGE_GLOBS for p in sorted(folder.glob(pattern)) if p.is_file()):
+            n = _purge_file(path, ids, dry_run=dry_run or live)
+            if n and live:
+                waiting[str(folder)] = waiting.get(str(folder), 0) + n
+            elif n:
+                purged.append(Purged(str(path), n))
+    return purged, waiting
+
+
+def _purge_file(path: Path, ids: set[int], *, dry_run: bool) -> int:
+    kept, dropped = [], 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                sid = json.loads(line).get("session_id")
+            except (ValueError, AttributeError):
+                sid = None
+            if sid in ids:
+                dropped += 1
+            else:
+                kept.append(line)
+    if dropped and not dry_run:
+        tmp = path.with_name(path.name + ".purging")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+    return dropped
+
+
 def run_gc(conn: psycopg.Connection, settings: Settings, now: datetime, *, dry_run: bool) -> GcReport:
-    """Plan, then (unless ``dry_run``) remove; write ``STATE_DIR/gc.json``. The plan is made from
-    the database just before removing, so a run that starts meanwhile is in it (its folder live)."""
+    """Plan, then (unless ``dry_run``) remove and purge revoked sessions; write
+    ``STATE_DIR/gc.json``. The plan is made from the database just before removing, so a run that
+    starts meanwhile is in it (its folder live)."""
     report = plan_gc(conn, settings, now)
     report.dry_run = dry_run
     if not dry_run:
         for removal in report.removals:
             shutil.rmtree(removal.path, ignore_errors=True)
-        report.usage = disk_usage(settings)
+    report.purged, report.purge_waiting = purge_revoked(conn, settings, now, dry_run=dry_run)
+    report.usage = disk_usage(settings)
+    if not dry_run:
         write_last(settings, report)
-    else:
-        report.usage = disk_usage(settings)
     return report
 
 

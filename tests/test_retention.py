@@ -134,3 +134,37 @@ async def test_the_daemon_component_applies_the_policy_on_its_interval(history: 
     finally:
         daemon.stopping.set()
         await component.stop()
+
+
+def test_purge_removes_revoked_sessions_text_except_where_a_run_still_needs_it(history: Path, db_url: str,
+                                                                               capsys) -> None:
+    runs = history / "runs"
+    lines = "".join(json.dumps({"session_id": sid, "prompt": [{"role": "system", "content": f"Task {sid}"}]}) + "\n"
+                    for sid in (1, 2, 3))
+    for n in (8, 27):  # run 8: its resume is queued (live); run 27: finished
+        (runs / f"run-{n}" / "data" / "train.jsonl").write_text(lines)
+        (runs / f"run-{n}" / "eval").mkdir(exist_ok=True)
+        (runs / f"run-{n}" / "eval" / "final_samples.jsonl").write_text(lines)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("""INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, revoked_at)
+                        VALUES (1, 'k', 0.9, now(), NULL), (2, 'k', 0.9, now(), now()), (3, 'k', 0.9, now(), NULL)""")
+    assert main(["purge", "--revoked", "--dry-run", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert sorted((p["path"], p["lines"]) for p in planned["purged"]) == [
+        (str(runs / "run-27" / "data" / "train.jsonl"), 1), (str(runs / "run-27" / "eval" / "final_samples.jsonl"), 1)]
+    assert planned["waiting"] == {str(runs / "run-8"): 2}
+    assert (runs / "run-27" / "data" / "train.jsonl").read_text() == lines  # a dry run changes nothing
+
+    assert main(["purge", "--revoked"]) == 0
+    assert "removed 2 line(s) in 2 file(s)" in capsys.readouterr().out
+    for name in ("data/train.jsonl", "eval/final_samples.jsonl"):
+        assert [json.loads(x)["session_id"] for x in (runs / "run-27" / name).read_text().splitlines()] == [1, 3]
+        assert (runs / "run-8" / name).read_text() == lines  # live: purged once its resume is done
+    assert oct((runs / "run-27" / "data" / "train.jsonl").stat().st_mode & 0o777) == "0o600"
+    with psycopg.connect(db_url, autocommit=True) as conn:  # the resume ran: the next gc purges run 8 too
+        conn.execute("""UPDATE atlasd.runs SET state = 'succeeded', started_at = now(), finished_at = now(),
+                               output_dir = %s WHERE id = 31""", [str(runs / "run-8")])  # resumed in run 8's folder
+    assert main(["gc", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {p["path"] for p in report["purged"]} == {str(runs / "run-8" / "data" / "train.jsonl"),
+                                                     str(runs / "run-8" / "eval" / "final_samples.jsonl")}
