@@ -45,6 +45,7 @@ STANDIN = textwrap.dedent(
     import json, os, signal, sys, time
     from pathlib import Path
     from trainers.telemetry import Telemetry
+    from atlasd.settings import SECRET_ENV
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     run_id, out = spec["run_id"], Path(spec["output_dir"])
@@ -69,7 +70,9 @@ STANDIN = textwrap.dedent(
                                                       "error": error, "checkpoint": final and str(final)}))
         with open(os.environ["STANDIN_LOG"], "a") as log:
             log.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "resumed_from": start, "step": step,
-                                  "exit_code": code, "exited_at": time.time()}) + "\\n")
+                                  "exit_code": code, "exited_at": time.time(), "argv": sys.argv,
+                                  "credentials": sorted(k for k in SECRET_ENV if k in os.environ),
+                                  }) + "\\n")
         tel.emit("done", status=status, exit_code=code, steps=step)
         tel.close()
         sys.exit(code)
@@ -587,3 +590,40 @@ async def test_registration_runs_off_the_gpu_slot_and_a_stop_kills_its_child(db_
 def _reset_logging():
     yield
     configure_logging("json", "info", stream=sys.__stderr__)  # not a test's closed buffer
+
+
+async def test_no_password_reaches_run_rows_run_files_logs_argv_or_cli_output(db_url, tmp_path, monkeypatch):
+    """Passwords with '@' in them (percent-encoded where libpq requires it, raw in an MLflow URL)."""
+    db_secret, mlflow_secret = "s3cr%40t-db", "p@ss-mlflow"
+    secret_db_url = db_url.replace("postgresql://postgres@", f"postgresql://postgres:{db_secret}@")
+    assert secret_db_url != db_url
+    mlflow_uri = f"http://atlas:{mlflow_secret}@127.0.0.1:1"
+    monkeypatch.setenv("ATLASD_DB_URL", secret_db_url)
+    monkeypatch.setenv("ATLASD_MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("PGPASSWORD", "s3cr@t-pg")
+    write_policy(tmp_path / "policies", "math")
+    run_id = await enqueue(db_url)
+    async with Harness(secret_db_url, tmp_path, monkeypatch, mlflow_tracking_uri=mlflow_uri) as h:
+        done = await wait_state(db_url, run_id, {"succeeded", "failed"})
+    assert done["state"] == "succeeded", done["error"]
+    secrets = ("s3cr%40t-db", "s3cr@t-db", "p@ss-mlflow", "p%40ss-mlflow", "s3cr@t-pg")
+
+    def clean(text: str, where: str) -> None:
+        assert not [x for x in secrets if x in text], f"a password in {where}"
+
+    clean(json.dumps(await sql(db_url, "SELECT * FROM atlasd.runs"), default=str), "atlasd.runs")
+    spec = (await sql(db_url, "SELECT spec FROM atlasd.runs WHERE id = %s", [run_id]))[0]["spec"]
+    assert spec["mlflow"]["tracking_uri"] == "http://atlas@127.0.0.1:1"  # the store, without its password
+    for path in (tmp_path / "state").rglob("*"):
+        if path.is_file():
+            clean(path.read_text(errors="replace"), str(path))
+    clean(h.log.getvalue(), "the daemon's log")
+    [exit_] = h.exited()
+    clean(json.dumps(exit_["argv"]), "the trainer's argv")
+    assert exit_["credentials"] == ["ATLASD_DB_URL"]  # the trainer gets the database URL only
+    for argv in (["runs", "--json"], ["runs", "show", str(run_id), "--json"], ["runs", "show", str(run_id)],
+                 ["status", "--json"], ["registrations", "--json"]):
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "atlasd", *argv], capture_output=True,
+                                      text=True, env={**os.environ, "ATLASD_POLICIES_DIR": str(tmp_path / "policies")})
+        assert out.returncode == 0, out.stderr
+        clean(out.stdout + out.stderr, f"atlasd {' '.join(argv)}")
