@@ -42,7 +42,7 @@ class _Strict(BaseModel):
 
 
 class GKDSettings(_Strict):
-    """On-policy distillation settings. Defaults are the reference fast gear (GKD_NOTES.md)."""
+    """On-policy distillation settings. Defaults are the reference fast gear (docs/gkd.md)."""
 
     lmbda: float = Field(1.0, ge=0, le=1, description="Probability that the student samples the completion.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD mixture: 0 forward KL, 1 reverse KL.")
@@ -112,7 +112,7 @@ class Targets(_Strict):
     must_beat_champion: bool = True
 
     def summarize(self, report: EvalReport) -> BaselineSummary:
-        """Compare an eval report with the baseline, with Atlas Core's formulas (ATLAS_SCHEMA.md):
+        """Compare an eval report with the baseline, with Atlas Core's formulas (docs/atlas-sdk.md):
         ``success_delta = success_rate - baseline_success`` (met when >= min_success_delta),
         ``token_reduction_pct = (baseline_tokens - avg_tokens) / baseline_tokens * 100`` (met when
         >= min_token_reduction_pct), ``meets_all`` = success and, if a token baseline exists, tokens.

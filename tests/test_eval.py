@@ -1,4 +1,4 @@
-"""Baseline comparison (ATLAS_SCHEMA.md formulas) and evaluation of a tiny model."""
+"""Baseline comparison (docs/atlas-sdk.md formulas) and evaluation of a tiny model."""
 
 from __future__ import annotations
 

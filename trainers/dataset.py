@@ -13,7 +13,7 @@ Which sessions (all through ``atlasd.intake``, the daemon's record of approved s
   ``eval.max_samples`` of them by intake seq up to ``window_hi`` (learning_key and min_reward apply,
   max_age_days does not, so the set never drifts). Split sessions are never trained on.
 
-How a session becomes a conversation (ATLAS_SCHEMA.md): a system message ``Task: ...`` plus
+How a session becomes a conversation (docs/atlas-sdk.md): a system message ``Task: ...`` plus
 ``Plan:`` lines; then one message per trajectory event with a known actor (read from
 ``payload.metadata.actor``, else the top level; text from ``payload.data`` output, chunk or input):
 teacher/coach -> assistant, student/executor -> user, system -> system. Without such events the

@@ -1,4 +1,4 @@
-"""The two gears of the reference runs (GKD_NOTES.md). The fast gear is exactly the run-spec
+"""The two gears of the reference runs (docs/gkd.md). The fast gear is exactly the run-spec
 defaults (``GKDSettings()``, ``OptimSettings()``, ``TraceSelection.min_reward``); the high-quality
 gear differs in temperature, max_new_tokens, min_reward, learning rate and schedule. Pydantic only
 (no torch), so policies and benchmarks can use it."""
