@@ -235,12 +235,15 @@ async def _operator_action(settings: Settings, policy: str, *args: str) -> dict:
     """``python -m registry promote|rollback ...`` and its audit row, under the policy's lock."""
     async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
         async with policy_lock(conn, policy, OPERATOR_LOCK_WAIT_S):
+            finished = await _finish_pending(settings, conn, policy)
             payload = await _call(settings, *args)
             async with conn.transaction():
                 pid = await _record(conn, policy=payload["policy"], model=payload["registered_model"],
                                     from_version=payload["from_version"], to_version=payload["to_version"],
                                     action=payload["action"], reason=payload["reason"], checks=payload["checks"],
                                     actor=payload["actor"], notify=settings.promotion_notify)
+        for done in finished:  # their hooks, in order, before the operator's
+            await _after_registration(settings, conn, done)
         payload["promotion_id"] = pid
         payload["hook"] = await _run_hook(settings, conn, pid, policy=payload["policy"],
                                           model=payload["registered_model"], version=payload["to_version"],
@@ -365,40 +368,59 @@ async def finalize_run(settings: Settings, run_id: int, spec_path: str | Path, r
         if not (await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, run_id])).fetchone())[0]:
             return {"state": "busy"}
         try:
-            args = ["finalize", "--spec", str(spec_path), "--result", str(result_path), "--source", settings.registry_source,
-                    "--artifact-root", str(settings.state_dir.resolve() / "mlartifacts"), "--cache-dir", _cache_dir(settings),
-                    *(["--log", str(log_path)] if log_path else [])]
             try:
                 async with policy_lock(conn, policy, POLICY_LOCK_WAIT_S):
-                    outcome = await run_registry(settings, *args, *(["--defer-measure"] if gpu_slot else []))
+                    outcome, done = await _attempt(settings, conn, run_id, attempts, spec_path, result_path, log_path,
+                                                   log, defer_measure=gpu_slot is not None)
                 if outcome.code == EXIT_NEEDS_GPU:  # released meanwhile: a training run can take hours
                     log.info("the champion must be re-measured on this eval set: waiting for the GPU slot")
                     async with gpu_slot, policy_lock(conn, policy, POLICY_LOCK_WAIT_S):
-                        outcome = await run_registry(settings, *args)
+                        outcome, done = await _attempt(settings, conn, run_id, attempts, spec_path, result_path,
+                                                       log_path, log, defer_measure=False)
             except PolicyBusy as exc:
                 log.info("registration waits: another promotion of the policy is in progress", error=str(exc))
                 return {"state": "busy"}
-            attempts += 1
-            if outcome.code == EXIT_OK:
-                return await _registered(settings, conn, run_id, attempts, outcome.payload, log)
-            state = "pending" if outcome.retryable and attempts < MAX_ATTEMPTS else "failed"
-            await conn.execute(
-                """UPDATE atlasd.registrations SET state = %s, attempts = %s, last_error = %s, updated_at = now(),
-                          next_attempt_at = now() + make_interval(secs => %s) WHERE run_id = %s""",
-                [state, attempts, outcome.error[:4000], min(30 * 2 ** (attempts - 1), 3600), run_id],
-            )
-            if state == "pending":
-                log.warning("registration deferred", exit_code=outcome.code, attempts=attempts, error=outcome.error[:500])
-            else:
-                log.error("registration failed; `atlasd register RUN_ID` re-queues it", exit_code=outcome.code,
-                          attempts=attempts, error=outcome.error[:500])
-            return {"state": state, **outcome.payload}
+            if done is not None:
+                return await _after_registration(settings, conn, done)
+            return await _not_registered(conn, run_id, attempts + 1, outcome, log)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, run_id])
 
 
+async def _attempt(settings: Settings, conn: psycopg.AsyncConnection, run_id: int, attempts: int,
+                   spec_path: str | Path, result_path: str | Path, log_path: str | Path | None, log: Any, *,
+                   defer_measure: bool) -> tuple[RegistryOutcome, dict | None]:
+    """One ``registry finalize`` and, when it succeeded, its audit row and the registration marked
+    done, all while the caller holds the policy's lock (the audit rows of a policy are written in
+    the order its champion moved). Returns the outcome and, when registered, the registration."""
+    args = ["finalize", "--spec", str(spec_path), "--result", str(result_path), "--source", settings.registry_source,
+            "--artifact-root", str(settings.state_dir.resolve() / "mlartifacts"), "--cache-dir", _cache_dir(settings),
+            *(["--log", str(log_path)] if log_path else []), *(["--defer-measure"] if defer_measure else [])]
+    outcome = await run_registry(settings, *args)
+    if outcome.code != EXIT_OK:
+        return outcome, None
+    return outcome, await _registered(settings, conn, run_id, attempts + 1, outcome.payload, log)
+
+
+async def _not_registered(conn: psycopg.AsyncConnection, run_id: int, attempts: int, outcome: RegistryOutcome,
+                          log: Any) -> dict:
+    state = "pending" if outcome.retryable and attempts < MAX_ATTEMPTS else "failed"
+    await conn.execute(
+        """UPDATE atlasd.registrations SET state = %s, attempts = %s, last_error = %s, updated_at = now(),
+                  next_attempt_at = now() + make_interval(secs => %s) WHERE run_id = %s""",
+        [state, attempts, outcome.error[:4000], min(30 * 2 ** (attempts - 1), 3600), run_id],
+    )
+    if state == "pending":
+        log.warning("registration deferred", exit_code=outcome.code, attempts=attempts, error=outcome.error[:500])
+    else:
+        log.error("registration failed; `atlasd register RUN_ID` re-queues it", exit_code=outcome.code,
+                  attempts=attempts, error=outcome.error[:500])
+    return {"state": state, **outcome.payload}
+
+
 async def _registered(settings: Settings, conn: psycopg.AsyncConnection, run_id: int, attempts: int,
                       payload: dict, log: Any) -> dict:
+    """Record a registration: the gate's audit row (once per run) and the registration done."""
     decision, version = payload["decision"], payload["model_version"]
     promotion_id = None
     async with conn.transaction():
@@ -419,10 +441,41 @@ async def _registered(settings: Settings, conn: psycopg.AsyncConnection, run_id:
                            [version, run_id])
     log.info("registered", mlflow_run_id=payload["mlflow_run_id"], model_version=version, decision=decision,
              reason=payload["reason"], champion=payload["champion"])
-    if decision == "promote" and promotion_id is not None:
-        payload["hook"] = await _run_hook(settings, conn, promotion_id, policy=payload["policy"],
-                                          model=payload["registered_model"], version=version, action=decision)
-    return {"state": "done", **payload}
+    return {"state": "done", **payload, "promotion_id": promotion_id}
+
+
+async def _after_registration(settings: Settings, conn: psycopg.AsyncConnection, done: dict) -> dict:
+    """The post-promotion hook of a registration that moved the champion (outside the policy's lock)."""
+    if done["decision"] == "promote" and done["promotion_id"] is not None:
+        done["hook"] = await _run_hook(settings, conn, done["promotion_id"], policy=done["policy"],
+                                       model=done["registered_model"], version=done["model_version"], action="promote")
+    return done
+
+
+async def _finish_pending(settings: Settings, conn: psycopg.AsyncConnection, policy: str) -> list[dict]:
+    """Before an operator moves ``policy``'s champion (holding its lock): finish the policy's pending
+    registrations that need no GPU measurement, so that one interrupted after its alias move (the
+    daemon stopped before its audit row) is recorded before, not after, the operator's move. A
+    registration another process is finishing, or that cannot finish now, is left pending."""
+    rows = await (await conn.execute(
+        """SELECT g.run_id, g.attempts, g.spec_path, g.result_path, g.log_path FROM atlasd.registrations g
+             JOIN atlasd.runs r ON r.id = g.run_id
+            WHERE r.policy = %s AND g.state = 'pending' ORDER BY g.run_id""", [policy])).fetchall()
+    finished = []
+    for run_id, attempts, spec_path, result_path, log_path in rows:
+        if not (await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, run_id])).fetchone())[0]:
+            continue
+        try:
+            log = get_logger("registry", run_id=run_id)
+            outcome, done = await _attempt(settings, conn, run_id, attempts, spec_path, result_path, log_path, log,
+                                           defer_measure=True)
+            if done is not None:
+                finished.append(done)
+            elif outcome.code != EXIT_NEEDS_GPU:
+                await _not_registered(conn, run_id, attempts + 1, outcome, log)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s, %s)", [LOCK_CLASS, run_id])
+    return finished
 
 
 async def retry_pending(settings: Settings, gpu_slot: asyncio.Lock | None = None) -> list[dict]:
