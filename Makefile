@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test demo bench bench-intake bench-trainer clean
+.PHONY: install test chaos demo bench bench-intake bench-trainer clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,6 +14,10 @@ install: $(PY)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# the chaos suite alone (tests/chaos; `make test` runs it too): the real daemon, stand-in children, injected faults
+chaos: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/chaos
 
 demo: install
 	$(VENV)/bin/atlasd demo
