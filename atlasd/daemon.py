@@ -105,6 +105,7 @@ class Daemon:
         self._lock_held_since = 0.0  # time.monotonic() when the lock was last (re-)taken
         self._last_reconcile: float | None = None  # time.monotonic() of the last successful reconcile
         self._wakeup = intake.Wakeup(max_ids=settings.intake_batch_size)
+        self._sweep = intake.RollingSweep()  # where the slow poll's sweep over the history stands
         self._lock = DaemonLock(settings)
         self._beat = asyncio.Event()  # write the heartbeat row now (listener state changed)
         self._exit_code = 0
@@ -382,13 +383,16 @@ class Daemon:
             await asyncio.sleep(backoff_s(failures, self.settings.reconnect_max_backoff_s))
             failures += 1
 
-    async def _reconcile(self, ids: set[int] | None) -> bool:
-        """Record what is ready (``ids``, or everything); False if the database failed (then a
-        full reconcile is requested and ``intake`` is degraded until one succeeds)."""
+    async def _reconcile(self, ids: set[int] | None | str) -> bool:
+        """Record what is ready (``ids``, everything, or ``intake.POLL``: the slow poll's share of
+        the history); False if the database failed (then a full reconcile is requested and
+        ``intake`` is degraded until one succeeds)."""
         t0 = time.monotonic()
+        poll = ids == intake.POLL
         try:
             async with self.pool.connection() as conn:
-                result = await intake.reconcile(conn, ids, self.settings.intake_batch_size)
+                result = await intake.reconcile(conn, None if poll else ids, self.settings.intake_batch_size,
+                                                sweep=self._sweep if poll else None)
         except psycopg.Error as exc:  # PoolTimeout included
             self.health.failed("intake", "retrying the reconcile", safe_error(exc))
             self.log.warning("reconcile failed; a full reconcile follows", error=safe_error(exc))
@@ -400,7 +404,8 @@ class Daemon:
             self.log.info(
                 "intake",
                 full=ids is None,
-                hinted=None if ids is None else len(ids),
+                poll=poll,
+                hinted=None if ids is None or poll else len(ids),
                 recorded=result.recorded,
                 malformed=result.malformed,
                 revoked=result.revoked,

@@ -4,8 +4,16 @@ A session is *ready* when ``review_status = 'approved' AND status = 'succeeded'`
 became true last). The tables are the truth and NOTIFY only a hint, so there are two paths:
 
 * targeted: the listener's payload named some ids; look up only those, by primary key;
-* full: an anti-join of every ready session not yet in the intake (at start, after each
-  listener reconnect, on a ``'*'`` payload and on the slow poll).
+* full (at start, after each listener reconnect, on a ``'*'`` payload): every ready session not
+  yet in the intake and every recorded one that stopped being ready, in short statements over
+  ranges of ``ID_CHUNK`` session ids (a primary-key range scan each) and intake seqs: atlasd never
+  holds ``sessions`` for long (the SDK's ``ALTER TABLE`` on connect would queue behind it, and
+  every SDK statement behind that);
+* the slow poll (every ``poll_interval_s``): the same, but over a :class:`RollingSweep`: the
+  newest ``ID_CHUNK`` ids every time, older ones ``SWEEP_CHUNKS`` chunks per poll, wrapping
+  around: its cost per poll stays bounded however long the history grows (a session approved
+  while NOTIFY was missed is found within ``total ids / (ID_CHUNK x SWEEP_CHUNKS)`` polls; a
+  deleted session is revoked as its range comes round).
 
 There is no id watermark, so a session whose id commits out of order cannot be skipped. A
 session is identified by ``(id, created_at)``: after the SDK's ids restart (``TRUNCATE ...
@@ -97,7 +105,38 @@ _REVOCATIONS = sql.SQL(
 # The full path's anti-join (a hash anti-join over the intake); the targeted path instead probes
 # the primary key through ON CONFLICT, which stays cheap however large the intake grows.
 _UNRECORDED = sql.SQL(
-    "NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id AND i.session_created_at = s.created_at)")
+    "s.id > %(lo)s AND s.id <= %(hi)s"
+    " AND NOT EXISTS (SELECT 1 FROM atlasd.intake i WHERE i.session_id = s.id AND i.session_created_at = s.created_at)")
+_SEQ_RANGE = sql.SQL("x.seq > %(lo)s AND x.seq <= %(hi)s")
+_BOUNDS = """SELECT (SELECT COALESCE(min(id) - 1, 0) FROM public.sessions), (SELECT COALESCE(max(id), 0) FROM public.sessions),
+                    (SELECT COALESCE(min(seq) - 1, 0) FROM atlasd.intake), (SELECT COALESCE(max(seq), 0) FROM atlasd.intake)"""
+
+ID_CHUNK = 20_000  # session ids (or intake seqs) per statement of a full reconcile
+SWEEP_CHUNKS = 10  # older chunks a slow poll covers (besides the newest one)
+
+
+class RollingSweep:
+    """Where the slow poll's sweep over old ids and seqs stands (the daemon keeps one)."""
+
+    def __init__(self, chunks: int = SWEEP_CHUNKS) -> None:
+        self.chunks = chunks
+        self.next_id = 0  # sessions: the next poll starts above this id
+        self.next_seq = 0  # intake: ... and above this seq
+
+    def ranges(self, cursor: int, lo: int, hi: int) -> tuple[list[tuple[int, int]], int]:
+        """The chunks of (lo, hi] this poll covers: the newest one, then ``chunks`` from ``cursor``
+        on (wrapping to ``lo``); and where the next poll starts."""
+        newest = (max(lo, hi - ID_CHUNK), hi)
+        out = [newest]
+        start = cursor if lo <= cursor < newest[0] else lo
+        for _ in range(self.chunks):
+            if start >= newest[0]:
+                start = lo
+                break
+            end = min(start + ID_CHUNK, newest[0])
+            out.append((start, end))
+            start = end
+        return out, start
 
 
 @dataclass
@@ -133,17 +172,29 @@ def parse_payload(payload: str) -> set[int] | None:
     return ids or None
 
 
-async def reconcile(conn: psycopg.AsyncConnection, ids: Iterable[int] | None, batch_size: int) -> IntakeResult:
-    """Record ready sessions. ``ids=None``: every ready session not yet recorded (full);
-    otherwise only those ids (targeted). Each batch is its own short transaction."""
+async def reconcile(conn: psycopg.AsyncConnection, ids: Iterable[int] | None, batch_size: int, *,
+                    sweep: RollingSweep | None = None) -> IntakeResult:
+    """Record ready sessions. ``ids=None``: every ready session not yet recorded and every revoked
+    one (full; with ``sweep``, the part of the history this slow poll covers); otherwise only those
+    ids (targeted). Each statement is short and its own transaction."""
     result = IntakeResult()
     if ids is None:
-        while True:
-            batch, selected = await _insert_batch(conn, _UNRECORDED, {}, batch_size)
-            result.add(batch)
-            if selected < batch_size:  # fewer unrecorded ready sessions than the limit: done
-                break
-        result.add(await _revocations(conn, sql.SQL("true"), {}))
+        async with conn.transaction():
+            lo_id, hi_id, lo_seq, hi_seq = await (await conn.execute(_BOUNDS)).fetchone()
+        if sweep is None:
+            id_ranges = [(lo, min(lo + ID_CHUNK, hi_id)) for lo in range(lo_id, hi_id, ID_CHUNK)]
+            seq_ranges = [(lo, min(lo + ID_CHUNK, hi_seq)) for lo in range(lo_seq, hi_seq, ID_CHUNK)]
+        else:
+            id_ranges, sweep.next_id = sweep.ranges(sweep.next_id, lo_id, hi_id)
+            seq_ranges, sweep.next_seq = sweep.ranges(sweep.next_seq, lo_seq, hi_seq)
+        for lo, hi in id_ranges:
+            while True:
+                batch, selected = await _insert_batch(conn, _UNRECORDED, {"lo": lo, "hi": hi}, batch_size)
+                result.add(batch)
+                if selected < batch_size:  # fewer unrecorded ready sessions in the range than the limit
+                    break
+        for lo, hi in seq_ranges:
+            result.add(await _revocations(conn, _SEQ_RANGE, {"lo": lo, "hi": hi}))
         return result
     wanted = sorted(set(ids))
     for start in range(0, len(wanted), batch_size):
@@ -174,6 +225,9 @@ async def _revocations(conn: psycopg.AsyncConnection, where: sql.Composable, par
     return IntakeResult(revoked=revoked, restored=restored)
 
 
+POLL = "poll"
+
+
 class Wakeup:
     """Coalesced reconcile requests: id hints accumulate until the reconciler takes them; a
     request for everything (None) absorbs them. Too many hints become a full reconcile."""
@@ -193,13 +247,13 @@ class Wakeup:
                 self._full = True
         self._event.set()
 
-    async def wait(self, timeout: float) -> set[int] | None:
-        """Wait for a request (or ``timeout``: the slow poll, a full reconcile) and take it:
-        the ids to look at, or None for everything."""
+    async def wait(self, timeout: float) -> set[int] | None | str:
+        """Wait for a request and take it: the ids to look at, or None for everything; after
+        ``timeout`` with nothing requested, ``POLL`` (the slow poll: a rolling sweep)."""
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except TimeoutError:
-            self._full = True
+            return POLL
         return self.take()
 
     def take(self) -> set[int] | None:

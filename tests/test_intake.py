@@ -139,13 +139,48 @@ async def test_wakeup_coalesces_hints() -> None:
     wake.request({1, 2})
     wake.request({2})
     assert await wake.wait(timeout=1) == {1, 2}
-    assert await wake.wait(timeout=0.01) is None  # nothing asked: the slow poll, a full reconcile
+    assert await wake.wait(timeout=0.01) == intake.POLL  # nothing asked: the slow poll (a rolling sweep)
     wake.request({1, 2})
     wake.request({3, 4})  # more than max_ids: everything
     assert await wake.wait(timeout=1) is None
     wake.request({5})
     wake.request(None)
     assert wake.take() is None
+
+
+def test_a_rolling_sweep_covers_the_newest_chunk_every_poll_and_the_rest_in_turn(monkeypatch) -> None:
+    monkeypatch.setattr(intake, "ID_CHUNK", 10)
+    sweep = intake.RollingSweep(chunks=2)
+    seen = []
+    for _ in range(4):
+        ranges, sweep.next_id = sweep.ranges(sweep.next_id, 0, 55)
+        seen.append(ranges)
+    assert seen == [[(45, 55), (0, 10), (10, 20)], [(45, 55), (20, 30), (30, 40)], [(45, 55), (40, 45)],
+                    [(45, 55), (0, 10), (10, 20)]]
+    assert sweep.ranges(0, 0, 8)[0] == [(0, 8)]  # a short history: all of it every time
+    assert sweep.ranges(0, 0, 0)[0] == [(0, 0)]
+
+
+async def test_full_and_polled_reconciles_work_in_short_ranges(db_url: str, conn, monkeypatch) -> None:
+    """A full reconcile covers every id range (statements over ID_CHUNK ids each); the slow poll
+    covers the newest range and, in turn, the older ones: a session missed long ago is recorded
+    within a sweep, and so is a revocation of a deleted session."""
+    monkeypatch.setattr(intake, "ID_CHUNK", 10)
+    ids = add_sessions(db_url, 95)
+    assert (await intake.reconcile(conn, None, batch_size=4)).recorded == 95
+    assert sql(db_url, "SELECT count(DISTINCT session_id) FROM atlasd.intake") == [(95,)]
+    # old sessions approved without a NOTIFY reaching atlasd, one deleted: the newest range at once,
+    # the others as the sweep comes round (1 older chunk per poll here)
+    sql(db_url, "DELETE FROM atlasd.intake WHERE session_id = ANY(%s)", [[ids[3], ids[50], ids[94]]])
+    sql(db_url, "DELETE FROM sessions WHERE id = %s", [ids[20]])
+    sweep = intake.RollingSweep(chunks=1)
+    first = await intake.reconcile(conn, None, batch_size=4, sweep=sweep)
+    assert first.recorded == 2  # ids[94] in the newest range, ids[3] in the first older one
+    total = first
+    for _ in range(10):
+        total.add(await intake.reconcile(conn, None, batch_size=4, sweep=sweep))
+    assert (total.recorded, total.revoked) == (3, 1)
+    assert sql(db_url, "SELECT count(*) FROM atlasd.intake WHERE revoked_at IS NULL") == [(94,)]
 
 
 def test_status_json_counts_the_intake(db_url: str, tmp_path, monkeypatch, capsys) -> None:
