@@ -181,6 +181,9 @@ def _promotions(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
     return out
 
 
+BACKLOG_IDS = 100_000  # `intake.backlog` counts ready, unrecorded sessions among the newest this many ids
+
+
 def _intake(conn: psycopg.Connection) -> dict[str, Any]:
     total, malformed, revoked, last_seq, last_at = conn.execute(
         """SELECT count(*), count(*) FILTER (WHERE malformed IS NOT NULL),
@@ -194,11 +197,12 @@ def _intake(conn: psycopg.Connection) -> dict[str, Any]:
     reasons = conn.execute(
         "SELECT malformed, count(*) FROM atlasd.intake WHERE malformed IS NOT NULL GROUP BY 1 ORDER BY 1"
     ).fetchall()
-    backlog = conn.execute(
+    backlog = conn.execute(  # among the newest BACKLOG_IDS sessions: a bounded primary-key range scan
         """SELECT count(*) FROM public.sessions s
-            WHERE s.review_status = 'approved' AND s.status = 'succeeded'
+            WHERE s.id > (SELECT COALESCE(max(id), 0) FROM public.sessions) - %s
+              AND s.review_status = 'approved' AND s.status = 'succeeded'
               AND NOT EXISTS (SELECT 1 FROM atlasd.intake i
-                               WHERE i.session_id = s.id AND i.session_created_at = s.created_at)"""
+                               WHERE i.session_id = s.id AND i.session_created_at = s.created_at)""", [BACKLOG_IDS]
     ).fetchone()[0]
     conn.rollback()  # end the read transaction: the SDK locks `sessions` on connect
     return {
