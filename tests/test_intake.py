@@ -291,3 +291,55 @@ async def test_sessions_reusing_old_ids_are_recorded_as_new(db_url: str, conn) -
     assert sorted(e.session_id for e in examples) == again
     assert all(e.prompt[0]["content"].startswith("Task: Tom has") for e in examples), examples[0].prompt
     assert build.skipped["revoked"] == 15
+
+
+def test_the_sdks_alter_on_connect_never_waits_on_a_full_reconcile_or_a_status_read(db_url: str, tmp_path) -> None:
+    """The Atlas SDK runs `ALTER TABLE sessions ADD COLUMN IF NOT EXISTS` on every connect (an ACCESS
+    EXCLUSIVE lock). With 200,000 sessions recorded, a full reconcile (the start-up's, a
+    reconnect's) and `atlasd status` (every metrics refresh) run while an SDK-like client
+    connects every 100 ms with lock_timeout 1 s: none of its ALTERs times out."""
+    import threading
+    import time as _time
+
+    from atlasd.settings import load_settings
+    from atlasd.status import collect_status
+
+    sql(db_url, """INSERT INTO sessions (task, status, review_status, metadata, reward_stats)
+                   SELECT 't' || g, 'succeeded', 'approved', '{"learning_key": "math"}', '{"score": 0.9}'
+                     FROM generate_series(1, 200000) g""")
+
+    async def full() -> intake.IntakeResult:
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as c:
+            return await intake.reconcile(c, None, batch_size=5000)
+
+    assert asyncio.run(full()).recorded == 200_000
+    sql(db_url, "UPDATE sessions SET review_status = 'quarantined' WHERE id % 1000 = 0")  # 200 to revoke, unhinted
+    stop, failures, alters = threading.Event(), [], []
+
+    def sdk_client() -> None:
+        while not stop.is_set():
+            try:
+                with psycopg.connect(db_url, autocommit=True) as c:
+                    t = _time.monotonic()
+                    c.execute("SET lock_timeout = '1s'")
+                    c.execute("ALTER TABLE sessions ADD COLUMN IF NOT EXISTS sdk_probe INTEGER")
+                    alters.append(_time.monotonic() - t)
+            except psycopg.errors.LockNotAvailable as exc:
+                failures.append(str(exc))
+            _time.sleep(0.1)
+
+    client = threading.Thread(target=sdk_client)
+    client.start()
+    try:
+        t0 = _time.monotonic()
+        result = asyncio.run(full())
+        with psycopg.connect(db_url, autocommit=True) as c:
+            status = collect_status(c, load_settings(db_url=db_url, policies_dir=tmp_path, state_dir=tmp_path))
+        elapsed = _time.monotonic() - t0
+    finally:
+        stop.set()
+        client.join()
+    assert (result.recorded, result.revoked) == (0, 200)
+    assert status["intake"]["revoked"] == 200
+    assert failures == [] and len(alters) >= min(5, int(elapsed / 0.2)), (failures, len(alters), elapsed)
+    assert max(alters) < 1.0
