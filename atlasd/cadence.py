@@ -22,11 +22,13 @@ Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks t
 * **manual** (``atlasd trigger``): the same path, always fires, with every pending trace.
 
 Clock steps: stored times later than ``now`` (written while the clock was ahead) are clamped to
-just before ``now`` (``_state_from``; written back by the next evaluation), for the decision and
+just before ``now`` (``state_from_row``; written back by the next evaluation), for the decision and
 for ``atlasd plan`` alike.
 
-The same function with ``apply=False`` is ``atlasd plan`` (nothing written, no lock).
-The clock is injected (``now``) so tests never sleep.
+The same function with ``apply=False`` is ``atlasd plan`` (nothing written, no lock). The decision
+itself is :func:`decide_gear`, a pure function of the gear's state, the counts and the clock
+(``tests/test_cadence_decide.py`` needs no database). The clock is injected (``now``) so tests
+never sleep.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ class GearPlan:
 
 
 @dataclass
-class _State:
+class GearState:
+    """A gear's row of ``atlasd.policy_state`` (what :func:`plan_gear` decides from, with the inputs)."""
+
     last_window_hi: int
     armed_at: datetime
     cron_schedule: str | None
@@ -191,14 +195,14 @@ async def evaluate_gear(
     async with conn.transaction():
         if apply:
             await conn.execute(_ENSURE_STATE, {**key, "now": now, "cron": cron})
-            state, changed = _state_from(await _fetch(conn, _STATE + " FOR UPDATE", key), now, cron)
+            state, changed = state_from_row(await _fetch(conn, _STATE + " FOR UPDATE", key), now, cron)
             if changed:
                 await conn.execute(_RESTATE, {**key, "armed_at": state.armed_at, "cron": cron,
                                               "last_fire_at": state.last_fire_at})
         else:
-            state, _ = _state_from(await _fetch(conn, _STATE, key), now, cron)
+            state, _ = state_from_row(await _fetch(conn, _STATE, key), now, cron)
         inputs = await _fetch(conn, _INPUTS, _inputs_params(policy, gear_name, state, now))
-        plan, fire_at = _plan(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode=mode)
+        plan, fire_at = decide_gear(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode=mode)
         if not apply:
             return plan
         if plan.action == "skip":
@@ -238,19 +242,19 @@ def plan_gear_sync(
     """:func:`evaluate_gear` with ``apply=False`` on a synchronous connection (`atlasd status`)."""
     key = {"policy": policy.name, "gear": gear_name}
     cur = conn.cursor(row_factory=dict_row)
-    state, _ = _state_from(cur.execute(_STATE, key).fetchone(), now, _cron_key(policy.gears[gear_name]))
+    state, _ = state_from_row(cur.execute(_STATE, key).fetchone(), now, _cron_key(policy.gears[gear_name]))
     inputs = cur.execute(_INPUTS, _inputs_params(policy, gear_name, state, now)).fetchone()
-    return _plan(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode="auto")[0]
+    return decide_gear(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode="auto")[0]
 
 
-def _state_from(row: dict[str, Any] | None, now: datetime, cron: str | None) -> tuple[_State, bool]:
+def state_from_row(row: dict[str, Any] | None, now: datetime, cron: str | None) -> tuple[GearState, bool]:
     """The gear's state (defaults when it has no row), and whether it differs from the stored row
     (to be written back): a new or changed cron schedule is (re-)armed now; a stored time later
     than ``now`` was written while the clock was ahead (a forward step since corrected) and is
     clamped to ``now - CRON_ON_TIME``, so the gear goes on with its next tick (a tick due this
     very minute included) and min_interval counts from now, instead of staying silent until the
     clock catches up."""
-    state = _State(**row) if row else _State(0, now, cron, None, None, None, None)
+    state = GearState(**row) if row else GearState(0, now, cron, None, None, None, None)
     clamped = state.armed_at > now or (state.last_fire_at is not None and state.last_fire_at > now)
     if state.armed_at > now:
         state.armed_at = now - CRON_ON_TIME
@@ -262,7 +266,7 @@ def _state_from(row: dict[str, Any] | None, now: datetime, cron: str | None) -> 
     return state, rearmed or clamped
 
 
-def _inputs_params(policy: Policy, gear_name: str, state: _State, now: datetime) -> dict[str, Any]:
+def _inputs_params(policy: Policy, gear_name: str, state: GearState, now: datetime) -> dict[str, Any]:
     gear = policy.gears[gear_name]
     return {
         "policy": policy.name,
@@ -277,16 +281,23 @@ def _inputs_params(policy: Policy, gear_name: str, state: _State, now: datetime)
     }
 
 
-def _plan(
+def decide_gear(
     policy: Policy,
     gear_name: str,
-    state: _State,
+    state: GearState,
     inputs: dict[str, Any],
     *,
     now: datetime,
     catchup_window: timedelta,
     mode: Mode,
 ) -> tuple[GearPlan, datetime | None]:
+    """The decision, a pure function of the gear's state, the database's counts and the clock
+    (no I/O: tested without Postgres). ``inputs`` is the ``_INPUTS`` row: ``paused``,
+    ``queued_run_id`` (the gear's queued batch run), ``pending`` (usable traces above
+    ``last_window_hi`` passing the filters), ``all_hi`` (the seq of the last of them),
+    ``batch_hi`` (the seq of the ``floor(pending / every) * every``-th; None below ``every``),
+    ``cap_lo_all`` / ``cap_lo_batch`` (where a window of only the newest ``max_traces`` starts; None
+    when they all fit). Returns the plan and the fire time to record (None: nothing fires)."""
     gear = policy.gears[gear_name]
     plan = GearPlan(
         policy=policy.name,
@@ -318,7 +329,7 @@ NO_NEW_TRACES = "no new traces since the last run"
 def _decide(
     plan: GearPlan,
     gear: Gear,
-    state: _State,
+    state: GearState,
     counts: dict[str, Any],
     *,
     now: datetime,
