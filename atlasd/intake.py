@@ -112,7 +112,7 @@ _BOUNDS = """SELECT (SELECT COALESCE(min(id) - 1, 0) FROM public.sessions), (SEL
                     (SELECT COALESCE(min(seq) - 1, 0) FROM atlasd.intake), (SELECT COALESCE(max(seq), 0) FROM atlasd.intake)"""
 
 ID_CHUNK = 20_000  # session ids (or intake seqs) per statement of a full reconcile
-SWEEP_CHUNKS = 10  # older chunks a slow poll covers (besides the newest one)
+SWEEP_CHUNKS = 2  # older chunks a slow poll covers (besides the newest one)
 
 
 class RollingSweep:

@@ -185,18 +185,21 @@ BACKLOG_IDS = 100_000  # `intake.backlog` counts ready, unrecorded sessions amon
 
 
 def _intake(conn: psycopg.Connection) -> dict[str, Any]:
-    total, malformed, revoked, last_seq, last_at = conn.execute(
-        """SELECT count(*), count(*) FILTER (WHERE malformed IS NOT NULL),
-                  count(*) FILTER (WHERE revoked_at IS NOT NULL), max(seq), max(approved_at)
-             FROM atlasd.intake"""
-    ).fetchone()
-    by_key = conn.execute(
-        """SELECT learning_key, count(*) FROM atlasd.intake WHERE malformed IS NULL
-            GROUP BY learning_key ORDER BY learning_key"""
+    groups = conn.execute(  # one pass over the intake (every metrics refresh runs this)
+        """SELECT learning_key, malformed, revoked_at IS NOT NULL, count(*), max(seq), max(approved_at)
+             FROM atlasd.intake GROUP BY 1, 2, 3"""
     ).fetchall()
-    reasons = conn.execute(
-        "SELECT malformed, count(*) FROM atlasd.intake WHERE malformed IS NOT NULL GROUP BY 1 ORDER BY 1"
-    ).fetchall()
+    total = sum(g[3] for g in groups)
+    malformed = sum(g[3] for g in groups if g[1] is not None)
+    revoked = sum(g[3] for g in groups if g[2])
+    last_seq = max((g[4] for g in groups), default=None)
+    last_at = max((g[5] for g in groups), default=None)
+    by_key, reasons = {}, {}
+    for key, bad, _, n, _, _ in groups:
+        if bad is None:
+            by_key[key] = by_key.get(key, 0) + n
+        else:
+            reasons[bad] = reasons.get(bad, 0) + n
     backlog = conn.execute(  # among the newest BACKLOG_IDS sessions: a bounded primary-key range scan
         """SELECT count(*) FROM public.sessions s
             WHERE s.id > (SELECT COALESCE(max(id), 0) FROM public.sessions) - %s
@@ -208,9 +211,9 @@ def _intake(conn: psycopg.Connection) -> dict[str, Any]:
     return {
         "total": total,
         "usable": total - malformed,
-        "by_learning_key": dict(by_key),
+        "by_learning_key": dict(sorted(by_key.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))),
         "malformed": malformed,
-        "malformed_reasons": dict(reasons),
+        "malformed_reasons": dict(sorted(reasons.items())),
         "revoked": revoked,
         "backlog": backlog,
         "last_seq": last_seq,

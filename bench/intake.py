@@ -1,6 +1,8 @@
-"""Intake benchmark: approval -> intake latency, burst throughput, daemon RSS and start-up time.
+"""Intake benchmark: approval -> intake latency, burst throughput, daemon RSS and start-up time;
+and, with ``--history``, how the per-approval cost grows with the recorded history.
 
     python -m bench.intake [--singles 1000] [--burst 100000] [--writers 8]
+    python -m bench.intake --history 100000,1000000,10000000
     make bench-intake
 
 It creates a throw-away database on the test server (``ATLASD_TEST_PG_URL``, default
@@ -17,6 +19,13 @@ against it with the slow poll off (NOTIFY does the work), and drops the database
   "ready" (the start-up full reconcile records them all before it says ready), and a count check.
 * the daemon's RSS when idle and its peak, time from exec to "ready", and that no heavy module
   (torch, transformers, trl, mlflow) is loaded: from its "ready" log line and /proc/PID/maps.
+
+``--history N1,N2,...``: for each size, a database holding N recorded sessions (written set-wise),
+then, side by side in one process on the same server: the targeted reconcile one NOTIFY causes
+(one approval; median of 50), one slow poll (a rolling sweep; median of 5), the cadence
+evaluation of a batch gear with 1,000 traces pending (median of 20), ``atlasd status`` (the metrics refresh; median of 5)
+and one full reconcile (start-up, reconnect). A table with medians and each size's ratio to the
+first: what is independent of history stays near 1.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -195,12 +205,108 @@ def run(singles: int, burst: int, writers: int) -> int:
     return 1 if failures else 0
 
 
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def history_case(size: int) -> dict[str, float]:
+    """The per-operation costs on a database with ``size`` recorded sessions (see the module doc)."""
+    from atlasd import intake
+    from atlasd.cadence import evaluate_gear
+    from atlasd.policies import Policy
+    from atlasd.settings import load_settings
+    from atlasd.status import collect_status
+
+    name = pg.create_database("atlasd_bench")
+    url = pg.url_for(name)
+    try:
+        init_sdk_schema(url)
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("""INSERT INTO sessions (task, status, review_status, metadata, reward_stats)
+                            SELECT 't' || g, 'succeeded', 'approved', '{"learning_key": "math"}', '{"score": 0.9}'
+                              FROM generate_series(1, %s) g""", [size])
+            conn.execute("""INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at)
+                            SELECT id, 'math', 0.9, created_at FROM sessions ORDER BY id""")
+            # the gear fired a while ago: 1,000 traces pending (its steady state, not a new policy's first fire)
+            conn.execute("""INSERT INTO atlasd.policy_state (policy, gear, armed_at, last_window_hi)
+                            VALUES ('p', 'fast', now(), GREATEST(%s - 1000, 0))""", [size])
+            conn.execute("VACUUM ANALYZE sessions")
+            conn.execute("VACUUM ANALYZE atlasd.intake")
+            pending = [r[0] for r in conn.execute(
+                """INSERT INTO sessions (task, status, review_status, metadata, reward_stats)
+                   SELECT 'new' || g, 'succeeded', 'pending', '{"learning_key": "math"}', '{"score": 0.9}'
+                     FROM generate_series(1, 50) g RETURNING id""").fetchall()]
+        policy = Policy.model_validate({"name": "p", "learning_key": "math", "teacher": "t", "student": "s", "gears": {
+            "fast": {"trigger": {"batch": {"every": 20000}}}}})
+        settings = load_settings(db_url=url, policies_dir=Path(tempfile.gettempdir()), state_dir=Path(tempfile.gettempdir()))
+        now = datetime.now(UTC)
+
+        async def measure() -> dict[str, float]:
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                async def timed(coro_fn, n: int) -> float:
+                    times = []
+                    for i in range(n):
+                        t = time.perf_counter()
+                        await coro_fn(i)
+                        times.append((time.perf_counter() - t) * 1000)
+                    return statistics.median(times)
+
+                async def approve_one(i: int) -> None:
+                    await conn.execute("UPDATE sessions SET review_status = 'approved' WHERE id = %s", [pending[i]])
+                    assert (await intake.reconcile(conn, [pending[i]], 5000)).recorded == 1
+
+                sweep = intake.RollingSweep()
+                out = {
+                    "targeted reconcile (one NOTIFY), ms": await timed(approve_one, len(pending)),
+                    "slow poll (rolling sweep), ms": await timed(
+                        lambda i: intake.reconcile(conn, None, 5000, sweep=sweep), 5),
+                    "cadence evaluation (1,000 pending), ms": await timed(
+                        lambda i: evaluate_gear(conn, policy, "fast", now=now, catchup_window=timedelta(days=1),
+                                                apply=False), 20),
+                }
+                t = time.perf_counter()
+                await intake.reconcile(conn, None, 5000)
+                out["full reconcile (start, reconnect), ms"] = (time.perf_counter() - t) * 1000
+                return out
+
+        out = asyncio.run(measure())
+        with psycopg.connect(url, autocommit=True) as conn:
+            out["atlasd status (metrics refresh), ms"] = _median_ms(lambda: collect_status(conn, settings), 5)
+        return out
+    finally:
+        pg.drop_database(name)
+
+
+def run_history(sizes: list[int]) -> int:
+    results = {size: history_case(size) for size in sizes}
+    first = results[sizes[0]]
+    measures = list(first)
+    width = max(len(m) for m in measures)
+    head = "".join(f"  {f'{s:,} rows':>16}" for s in sizes)
+    print(f"{'median'.ljust(width)}{head}")
+    for m in measures:
+        cells = "".join(f"  {results[s][m]:>8.1f} ({results[s][m] / first[m]:>4.1f}x)" for s in sizes)
+        print(f"{m.ljust(width)}{cells}")
+    print(f"(ratios against {sizes[0]:,} rows; one process, one server, measured one size after the other)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.intake", description=__doc__.split("\n\n")[0])
     parser.add_argument("--singles", type=int, default=1000, help="single approvals timed for latency (>= 2)")
     parser.add_argument("--burst", type=int, default=100_000, help="approvals in the burst")
     parser.add_argument("--writers", type=int, default=8, help="concurrent approving connections in the burst")
+    parser.add_argument("--history", help="comma-separated history sizes (e.g. 100000,1000000,10000000): "
+                                          "per-approval, poll, cadence and status costs against the recorded history")
     args = parser.parse_args(argv)
+    if args.history:
+        return run_history([int(x) for x in args.history.split(",")])
     return run(max(2, args.singles), args.burst, args.writers)
 
 
