@@ -535,6 +535,21 @@ def create_component(settings: Settings) -> RegistrationRetrier:
     return RegistrationRetrier(settings)
 
 
+# ---------------------------------------------------------------- purge
+async def purge_mlflow(settings: Settings, session_ids: set[int]) -> dict:
+    """Revoked sessions' rows out of every atlasd run's eval samples in MLflow (``python -m registry
+    purge``); ``{"runs_checked", "runs_changed", "rows_removed"}``. Raises RegistryCallError."""
+    if not session_ids:
+        return {"runs_checked": 0, "runs_changed": 0, "rows_removed": 0}
+    path = settings.state_dir / "revoked-sessions.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sorted(session_ids)))
+    try:
+        return await _call(settings, "purge", "--ids-file", str(path))
+    finally:
+        path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- status
 def champions(conn: psycopg.Connection) -> dict[str, dict]:
     """Current champion per policy, as recorded in the audit table (the last alias move)."""

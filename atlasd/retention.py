@@ -20,8 +20,9 @@ folder can hold several runs) and the registry's download cache (``STATE_DIR/reg
 Revoked sessions (quarantined, un-approved or deleted after they were recorded) are purged from
 the run folders: their lines go from the data snapshots (``data/*.jsonl``) and eval samples
 (``eval/*.jsonl``) of every folder that is not live (a live folder's snapshot is what an exact
-resume checks; it is purged once the folder is no longer live). ``atlasd purge --revoked`` does it
-now; every gc does it too.
+resume checks; it is purged once the folder is no longer live), and from MLflow (every atlasd run's
+eval samples, ``python -m registry purge``). ``atlasd purge --revoked`` does it now; every gc does
+it too.
 
 Nothing outside ``STATE_DIR/runs`` and ``STATE_DIR/registry-cache`` is ever removed (a run row
 pointing elsewhere is ignored). MLflow's own artifact copies are MLflow's (its UI deletes them).
@@ -47,6 +48,7 @@ from psycopg.rows import dict_row
 
 from atlasd.db import connect, safe_error
 from atlasd.logging import get_logger
+from atlasd.promotions import RegistryCallError, purge_mlflow
 from atlasd.settings import Settings
 
 PARTIAL_DOWNLOAD_MAX_AGE_S = 86400.0
@@ -252,12 +254,16 @@ PURGE_GLOBS = ("data/*.jsonl", "eval/*.jsonl")  # the files of a run folder that
 _REVOKED = "SELECT DISTINCT session_id FROM atlasd.intake WHERE revoked_at IS NOT NULL"
 
 
+def revoked_ids(conn: psycopg.Connection) -> set[int]:
+    return {row[0] for row in conn.execute(_REVOKED).fetchall()}
+
+
 def purge_revoked(conn: psycopg.Connection, settings: Settings, now: datetime, *,
                   dry_run: bool) -> tuple[list[Purged], dict[str, int]]:
     """Remove revoked sessions' lines from the run folders that are not live (by session id: a
     reused id is purged with the revoked one). Returns what was (or would be) purged and, per live
-    folder, the lines left for a later purge."""
-    ids = {row[0] for row in conn.execute(_REVOKED).fetchall()}
+    folder, the lines left for a later purge. (MLflow's copies: ``promotions.purge_mlflow``.)"""
+    ids = revoked_ids(conn)
     purged: list[Purged] = []
     waiting: dict[str, int] = {}
     if not ids:
@@ -357,18 +363,24 @@ class GcComponent:
             if not daemon.lock_held.is_set():
                 continue
             try:
-                report = await asyncio.to_thread(self.once)
+                report, ids = await asyncio.to_thread(self.once)
             except Exception as exc:  # noqa: BLE001 - the database or the disk: next round
                 self.log.warning("gc failed; retried at the next interval", error=safe_error(exc))
                 continue
+            try:
+                mlflow = await purge_mlflow(self.settings, ids)
+                if mlflow["rows_removed"]:
+                    self.log.info("revoked sessions purged from MLflow", **mlflow)
+            except RegistryCallError as exc:
+                self.log.warning("revoked sessions not purged from MLflow yet (next gc retries)", error=str(exc))
             for r in report.removals:
                 self.log.info("gc removed", path=r.path, what=r.what, bytes=r.bytes, why=r.why)
             self.log.info("gc", removed=len(report.removals), freed_bytes=report.freed, **{
                 f"{k}_bytes": v for k, v in report.usage.items()})
 
-    def once(self) -> GcReport:
+    def once(self) -> tuple[GcReport, set[int]]:
         with connect(self.settings.dsn, autocommit=True, application_name="atlasd-gc") as conn:
-            return run_gc(conn, self.settings, datetime.now(UTC), dry_run=False)
+            return run_gc(conn, self.settings, datetime.now(UTC), dry_run=False), revoked_ids(conn)
 
     async def on_intake(self, recorded: int) -> None:
         return None

@@ -15,6 +15,7 @@ changes nothing (the output is always JSON).
   rollback --policy P [--reason R] [--actor NAME] [--cache-dir DIR]
       move champion back to the champion it replaced, once that one's files load
   check    --path DIR                          is a checkpoint folder loadable (no torch)
+  purge    --ids-file F                        revoked sessions' rows out of every atlasd run's eval samples
 
 Commands other than finalize read the tracking URI from ``--tracking-uri`` or the
 ``MLFLOW_TRACKING_URI`` environment variable (the daemon uses the variable: no password in argv).
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the champion must be re-measured on this eval set, exit 3 instead of measuring "
                         "(the caller calls again once it holds the GPU)")
 
+    p = add("purge", "remove revoked sessions' rows from every atlasd run's eval samples in MLflow")
+    p.add_argument("--ids-file", type=Path, required=True, help="a JSON list of session ids")
+
     p = add("models", "registered models, versions, aliases and key metrics")
     p.add_argument("--policy")
 
@@ -137,6 +141,12 @@ def cmd_finalize(args: argparse.Namespace) -> dict:
         spec, result, log_path=args.log, measure=measure, source_mode=args.source,
         artifact_root=root, cache_dir=args.cache_dir, actor=args.actor,
     )
+
+
+def cmd_purge(args: argparse.Namespace) -> dict:
+    from registry.purge import purge, read_ids
+
+    return purge(_registry(args).client, read_ids(args.ids_file))
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
@@ -187,7 +197,7 @@ def cmd_check(args: argparse.Namespace) -> dict:
     return check_loadable(args.path)
 
 
-COMMANDS = {"finalize": cmd_finalize, "models": cmd_models, "champion": cmd_champion, "promote": cmd_promote,
+COMMANDS = {"finalize": cmd_finalize, "purge": cmd_purge, "models": cmd_models, "champion": cmd_champion, "promote": cmd_promote,
             "rollback": cmd_rollback, "check": cmd_check}
 
 

@@ -7,6 +7,7 @@ Helpers here (``tiny_student``, ``make_run``) are imported by tests/test_promoti
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -337,3 +338,34 @@ def test_postgres_backend_and_stopped_server(tmp_path, tiny_student) -> None:
     with pytest.raises(Exception) as info:
         finalize_paths(s, r)
     assert is_unavailable(info.value), repr(info.value)
+
+
+def test_purge_removes_revoked_sessions_rows_from_logged_eval_samples(tmp_path, store_dir, tracking_uri,
+                                                                       tiny_student) -> None:
+    """`python -m registry purge`: the rows of revoked sessions leave every atlasd run's eval samples
+    (the table and the .jsonl), re-written at the same paths; a second purge with the same ids only
+    reads a tag per run."""
+    from mlflow import MlflowClient
+
+    spec, result_path, log = make_run(tmp_path, tiny_student, 1, tracking_uri)
+    samples = Path(RunResult.load(result_path).eval.samples_path)
+    samples.write_text("".join(json.dumps({"session_id": sid, "prompt": f"secret task {sid}", "generation": "x",
+                                           "correct": True}) + "\n" for sid in (11, 12, 13)))
+    out = finalize_paths(spec, result_path, log)
+    ids = tmp_path / "revoked.json"
+    ids.write_text(json.dumps([12, 99]))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    run = subprocess.run([sys.executable, "-m", "registry", "purge", "--ids-file", str(ids)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == EXIT_OK, run.stderr
+    first = json.loads(run.stdout.splitlines()[-1])
+    assert (first["runs_checked"], first["runs_changed"], first["rows_removed"]) == (1, 1, 2)
+    client = MlflowClient(tracking_uri)
+    rid = out["mlflow_run_id"]
+    table = json.loads(Path(client.download_artifacts(rid, "eval/samples.json", str(tmp_path / "dl1"))).read_text())
+    assert [row[table["columns"].index("session_id")] for row in table["data"]] == [11, 13]
+    jsonl = Path(client.download_artifacts(rid, f"eval/{samples.name}", str(tmp_path / "dl2"))).read_text()
+    assert "secret task 12" not in jsonl and "secret task 13" in jsonl
+    again = subprocess.run([sys.executable, "-m", "registry", "purge", "--ids-file", str(ids)], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert json.loads(again.stdout.splitlines()[-1])["runs_changed"] == 0

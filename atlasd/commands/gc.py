@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from datetime import UTC, datetime
 
+from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.db import connect
-from atlasd.retention import purge_revoked, run_gc
+from atlasd.promotions import RegistryCallError, purge_mlflow
+from atlasd.retention import purge_revoked, revoked_ids, run_gc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,16 +38,25 @@ def cmd_purge(args: argparse.Namespace) -> int:
     settings = cli_settings()
     with connect(settings.dsn, autocommit=True, application_name="atlasd-gc") as conn:
         purged, waiting = purge_revoked(conn, settings, datetime.now(UTC), dry_run=args.dry_run)
+        ids = revoked_ids(conn)
+    mlflow = None
+    if not args.dry_run:
+        try:
+            mlflow = asyncio.run(purge_mlflow(settings, ids))
+        except RegistryCallError as exc:
+            raise CommandError(f"run folders purged; MLflow not ({exc}): run `atlasd purge --revoked` again") from None
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "purged": [{"path": p.path, "lines": p.lines} for p in purged],
-                          "waiting": waiting}, indent=2))
+                          "waiting": waiting, "mlflow": mlflow}, indent=2))
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for p in purged:
         print(f"{verb} {p.lines} revoked session line(s) from {p.path}")
     for folder, n in waiting.items():
         print(f"left {n} revoked session line(s) in {folder} for now: a run still needs it (purged once it does not)")
-    print(f"{verb} {sum(p.lines for p in purged)} line(s) in {len(purged)} file(s)")
+    print(f"{verb} {sum(p.lines for p in purged)} line(s) in {len(purged)} file(s)"
+          + (f"; MLflow: {mlflow['rows_removed']} row(s) in {mlflow['runs_changed']} of {mlflow['runs_checked']} "
+             "run(s)" if mlflow else ""))
     return 0
 
 
