@@ -7,7 +7,11 @@ Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks t
   the gear's ``last_window_hi`` that pass its filters (learning_key, min_reward, max age) are
   counted; with ``k = floor(pending / every) >= 1`` it fires once with the window ending at the
   ``k * every``-th of them (the rest stay pending), unless paused or within ``min_interval`` of
-  its last fire. A queued batch run of the same gear absorbs the fire (coalescing).
+  its last fire. A queued batch run of the same gear absorbs the fire (coalescing). With
+  ``max_wait``, fewer than ``every`` (at least ``min_traces``) fire once the oldest of them has
+  waited that long (a slow trickle still trains). After the gate rejected the gear's last run(s),
+  the next fire waits ``min_interval`` (``BACKOFF_BASE`` if unset) times 2^(rejections-1), at most
+  ``BACKOFF_MAX``, counted from the last fire; a promotion of the gear's run resets it.
 * any fire takes at most the gear's ``filters.max_traces`` traces, the newest (the window's lower
   bound moves up; the older ones are skipped, said in the reason and the log, and remain
   rehearsal candidates): a new or renamed policy never trains on the whole history at once.
@@ -53,6 +57,8 @@ from atlasd.policies import Gear, Policy, PolicySet
 from atlasd.settings import Settings
 
 CRON_ON_TIME = timedelta(seconds=60)  # a tick evaluated this soon after its time is on time ('cron')
+BACKOFF_BASE = timedelta(hours=1)  # a rejected batch gear's wait when it has no min_interval
+BACKOFF_MAX = timedelta(days=7)
 Mode = Literal["auto", "manual", "backfill"]  # backfill: manual, without filters.max_traces
 
 
@@ -122,13 +128,20 @@ _INPUTS = """
 SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*')) AS paused,
        (SELECT id FROM atlasd.runs
          WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch') AS queued_run_id,
+       -- the gate's rejections of this gear's runs since its last promotion
+       (SELECT count(*) FROM atlasd.promotions p JOIN atlasd.runs r ON r.id = p.atlasd_run_id
+         WHERE r.policy = %(policy)s AND r.gear = %(gear)s AND p.action = 'reject'
+           AND p.id > COALESCE((SELECT max(q.id) FROM atlasd.promotions q JOIN atlasd.runs w ON w.id = q.atlasd_run_id
+                                 WHERE w.policy = %(policy)s AND w.gear = %(gear)s AND q.action = 'promote'), 0)
+       ) AS rejections,
+       min(approved_at) AS oldest_at,
        count(*) AS pending,
        COALESCE(max(seq), %(lo)s) AS all_hi,
        max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s) AS batch_hi,
        -- the window's lower bound when only the newest max_traces go in (NULL: they all fit)
        max(seq) FILTER (WHERE rn <= n - %(max_traces)s) AS cap_lo_all,
        max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s - %(max_traces)s) AS cap_lo_batch
-  FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
+  FROM (SELECT seq, approved_at, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
           FROM atlasd.intake
          WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
            AND (%(key)s::text IS NULL OR learning_key = %(key)s::text)
@@ -297,7 +310,9 @@ def decide_gear(
     ``last_window_hi`` passing the filters), ``all_hi`` (the seq of the last of them),
     ``batch_hi`` (the seq of the ``floor(pending / every) * every``-th; None below ``every``),
     ``cap_lo_all`` / ``cap_lo_batch`` (where a window of only the newest ``max_traces`` starts; None
-    when they all fit). Returns the plan and the fire time to record (None: nothing fires)."""
+    when they all fit), ``oldest_at`` (when the oldest pending trace was recorded) and
+    ``rejections`` (the gate's rejections of the gear's runs since its last promotion). Returns
+    the plan and the fire time to record (None: nothing fires)."""
     gear = policy.gears[gear_name]
     plan = GearPlan(
         policy=policy.name,
@@ -358,14 +373,29 @@ def _decide(
         return now
 
     if gear.kind == "batch":
-        every, min_interval = gear.trigger.batch.every, gear.trigger.batch.min_interval
+        batch = gear.trigger.batch
+        every, wait, why_wait = batch.every, batch.min_interval, "min_interval"
+        rejections = counts.get("rejections") or 0
+        if batch.backoff_after_reject and rejections:
+            wait = min((batch.min_interval or BACKOFF_BASE) * 2 ** (rejections - 1), BACKOFF_MAX)
+            why_wait = f"back-off after {rejections} gate rejection{'s' if rejections > 1 else ''}"
+        oldest = counts.get("oldest_at")
+        partial = (batch.max_wait is not None and counts["batch_hi"] is None and plan.pending >= batch.min_traces
+                   and oldest is not None and now - oldest >= batch.max_wait)
         if plan.paused:
             plan.reason = f"paused ({plan.pending}/{every} new traces)"
-        elif counts["batch_hi"] is None:
+        elif counts["batch_hi"] is None and not partial:
             plan.reason = f"{plan.pending}/{every} new traces"
-        elif min_interval and state.last_fire_at and now < state.last_fire_at + min_interval:
-            plan.next_fire_at = state.last_fire_at + min_interval
-            plan.reason = f"{plan.pending}/{every} new traces, but min_interval holds it until {plan.next_fire_at.isoformat()}"
+            if batch.max_wait is not None and oldest is not None and plan.pending >= batch.min_traces:
+                plan.next_fire_at = oldest + batch.max_wait
+                plan.reason += f"; max_wait fires them at {plan.next_fire_at.isoformat()}"
+        elif wait and state.last_fire_at and now < state.last_fire_at + wait:
+            plan.next_fire_at = state.last_fire_at + wait
+            plan.reason = f"{plan.pending}/{every} new traces, but {why_wait} holds it until {plan.next_fire_at.isoformat()}"
+        elif partial:
+            fire("batch", counts["all_hi"], plan.pending, f"{plan.pending} new traces (< {every}), the oldest waiting "
+                 f"{_human(now - oldest)}: max_wait {_human(batch.max_wait)} fires a partial batch")
+            return now
         else:
             n = plan.pending // every * every
             fire("batch", counts["batch_hi"], n, f"{plan.pending} >= {every} new traces: {n} go into a run")

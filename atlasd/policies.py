@@ -108,6 +108,12 @@ Name = Annotated[str, AfterValidator(_check_name)]
 class BatchThreshold(_Strict):
     every: int = Field(..., gt=0, le=10_000_000, description="Fire once per this many new traces passing the filters.")
     min_interval: Duration | None = Field(None, description="Never fire twice within this duration.")
+    max_wait: Duration | None = Field(
+        None, description="Fire a partial batch (at least min_traces) once the oldest pending trace is this old.")
+    min_traces: int = Field(1, gt=0, description="The smallest partial batch max_wait fires.")
+    backoff_after_reject: bool = Field(
+        True, description="After the gate rejects this gear's run, wait min_interval (1 h if unset) before the next "
+                          "fire, doubling with each further rejection (at most 7 days); a promotion resets it.")
 
 
 class CronSchedule(_Strict):

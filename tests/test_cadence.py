@@ -340,3 +340,48 @@ async def test_a_fire_takes_at_most_max_traces_the_newest_and_backfill_takes_all
 def test_a_batch_larger_than_max_traces_is_refused() -> None:
     with pytest.raises(ValueError, match=r"trigger.batch.every \(50\) is larger than filters.max_traces \(10\)"):
         make_policy(fast=batch_gear(50, max_traces=10))
+
+
+async def test_a_rejected_gear_backs_off_until_a_promotion_and_a_trickle_fires_after_max_wait(db_url: str) -> None:
+    policy = make_policy(fast=batch_gear(2, min_interval="1h"),
+                         trickle={"trigger": {"batch": {"every": 100, "max_wait": "2h"}}})
+    clock = Clock(utc(2026, 5, 1, 0))
+
+    async def fire(gear: str = "fast") -> str:
+        return (await evaluate_gear(conn, policy, gear, now=clock(), catchup_window=DAY)).action
+
+    async def gate(run_id: int, action: str) -> None:
+        await conn.execute("UPDATE atlasd.runs SET state = 'running', started_at = now() WHERE id = %s", [run_id])
+        await conn.execute("UPDATE atlasd.runs SET state = 'succeeded', finished_at = now() WHERE id = %s", [run_id])
+        await conn.execute("""INSERT INTO atlasd.promotions (policy, registered_model, to_version, action, actor,
+                                                             atlasd_run_id) VALUES ('p', 'm', %s, %s, 'atlasd', %s)""",
+                           [str(run_id), action, run_id])
+
+    async with await aconn(db_url) as conn:
+        await record(conn, 2)
+        assert await fire() == "enqueue"
+        await gate((await runs(conn))[-1].id, "reject")
+        await record(conn, 2)
+        clock.now += timedelta(minutes=61)  # min_interval passed: 1 rejection waits 1 h
+        assert await fire() == "enqueue"
+        await gate((await runs(conn))[-1].id, "reject")
+        await record(conn, 2)
+        clock.now += timedelta(minutes=61)  # 2 rejections: 2 h
+        held = await evaluate_gear(conn, policy, "fast", now=clock(), catchup_window=DAY, apply=False)
+        assert held.action == "none" and "back-off after 2 gate rejections" in held.reason
+        clock.now += timedelta(minutes=60)
+        assert await fire() == "enqueue"
+        await gate((await runs(conn))[-1].id, "promote")  # resets the back-off
+        await record(conn, 2)
+        clock.now += timedelta(minutes=61)
+        assert await fire() == "enqueue"
+
+        # a trickle gear (every 100) with 8 traces pending since 00:00: max_wait fires them 2 h later
+        await conn.execute("UPDATE atlasd.intake SET approved_at = %s", [utc(2026, 5, 1, 0)])
+        trickle = await evaluate_gear(conn, policy, "trickle", now=clock(), catchup_window=DAY, apply=False)
+        assert trickle.action == "enqueue" and trickle.n_traces == 8, trickle.reason
+        assert await fire("trickle") == "enqueue"
+        seqs = await record(conn, 3)
+        await conn.execute("UPDATE atlasd.intake SET approved_at = %s WHERE seq = ANY(%s)", [clock(), seqs])
+        waiting = await evaluate_gear(conn, policy, "trickle", now=clock(), catchup_window=DAY, apply=False)
+        assert waiting.action == "none" and "max_wait fires them at" in waiting.reason

@@ -12,7 +12,9 @@ from tests.cadence_support import batch_gear, cron_gear, make_policy, utc
 
 DAY = timedelta(days=1)
 NOW = utc(2026, 11, 22, 3, 0, 10)  # a Sunday, 10 s after 03:00 UTC
-POLICY = make_policy(fast=batch_gear(5, min_interval="1h", max_traces=8), hq=cron_gear("0 3 * * sun", max_traces=8))
+POLICY = make_policy(fast=batch_gear(5, min_interval="1h", max_traces=8), hq=cron_gear("0 3 * * sun", max_traces=8),
+                     trickle={"trigger": {"batch": {"every": 50, "max_wait": "1h", "min_traces": 2}}},
+                     plain={"trigger": {"batch": {"every": 5}}})
 
 
 def state(**kw) -> GearState:
@@ -21,10 +23,12 @@ def state(**kw) -> GearState:
                         **kw})
 
 
-def inputs(pending: int, *, paused: bool = False, queued: int | None = None, every: int = 5, cap: int = 8) -> dict:
+def inputs(pending: int, *, paused: bool = False, queued: int | None = None, every: int = 5, cap: int = 8,
+           oldest_at=None, rejections: int = 0) -> dict:
     """What _INPUTS returns when the pending traces have seqs 101..100+pending."""
     batched = pending // every * every
     return {"paused": paused, "queued_run_id": queued, "pending": pending, "all_hi": 100 + pending,
+            "oldest_at": oldest_at, "rejections": rejections,
             "batch_hi": 100 + batched if batched else None,
             "cap_lo_all": 100 + pending - cap if pending > cap else None,
             "cap_lo_batch": 100 + batched - cap if batched > cap else None}
@@ -48,6 +52,22 @@ CASES = [
     ("hq", {}, inputs(0), "auto", "skip", None, None, 0, NO_NEW_TRACES),
     ("hq", {}, inputs(3, paused=True), "auto", "skip", None, None, 0, "skipped: paused"),
     ("hq", {}, inputs(20), "auto", "enqueue", "cron", (112, 120), 8, "the 12 oldest left out"),
+    # a slow trickle: max_wait fires a partial batch (at least min_traces) once the oldest has waited
+    ("trickle", {}, inputs(3, every=50, cap=20000, oldest_at=NOW - timedelta(hours=2)), "auto", "enqueue", "batch",
+     (100, 103), 3, "max_wait 1.0h fires a partial batch"),
+    ("trickle", {}, inputs(3, every=50, cap=20000, oldest_at=NOW - timedelta(minutes=20)), "auto", "none", None,
+     None, 0, "max_wait fires them at 2026-11-22T03:40:10+00:00"),
+    ("trickle", {}, inputs(1, every=50, cap=20000, oldest_at=NOW - timedelta(hours=2)), "auto", "none", None,
+     None, 0, "1/50 new traces"),
+    # after gate rejections the gear backs off: min_interval (1 h here) doubling per rejection
+    ("fast", {"last_fire_at": NOW - timedelta(minutes=90)}, inputs(7, rejections=2), "auto", "none", None, None, 0,
+     "back-off after 2 gate rejections holds it until 2026-11-22T03:30:10+00:00"),
+    ("fast", {"last_fire_at": NOW - timedelta(minutes=90)}, inputs(7, rejections=1), "auto", "enqueue", "batch",
+     (100, 105), 5, ""),
+    ("plain", {"last_fire_at": NOW - timedelta(minutes=30)}, inputs(7, rejections=1, cap=20000), "auto", "none",
+     None, None, 0, "back-off after 1 gate rejection"),  # no min_interval: 1 h
+    ("plain", {"last_fire_at": NOW - timedelta(minutes=30)}, inputs(7, cap=20000), "auto", "enqueue", "batch",
+     (100, 105), 5, ""),
 ]
 
 
