@@ -90,12 +90,11 @@ _INSERT = sql.SQL(
 _REVOCATIONS = sql.SQL(
     """WITH changed AS (
         UPDATE atlasd.intake i SET revoked_at = CASE WHEN c.ready THEN NULL ELSE now() END
-          FROM (SELECT x.session_id, x.session_created_at,
+          FROM (SELECT x.seq,
                        EXISTS (SELECT 1 FROM public.sessions s
                                 WHERE s.id = x.session_id AND s.created_at = x.session_created_at AND {ready}) AS ready
                   FROM atlasd.intake x WHERE {filter}) c
-         WHERE i.session_id = c.session_id AND i.session_created_at = c.session_created_at
-           AND (i.revoked_at IS NULL) <> c.ready
+         WHERE i.seq = c.seq AND (i.revoked_at IS NULL) <> c.ready  -- by seq (unique): never a scan of the intake
         RETURNING c.ready
     )
     SELECT count(*) FILTER (WHERE NOT ready), count(*) FILTER (WHERE ready) FROM changed"""

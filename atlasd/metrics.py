@@ -2,7 +2,8 @@
 
 A daemon component serves it from prometheus-client's HTTP server thread. Scrapes never touch the
 database: they read a cache that one refresher thread fills every ``ATLASD_METRICS_REFRESH_S``
-(default 10 s) with :func:`atlasd.status.collect_status` (what ``atlasd status --json`` prints) on
+(default 10 s; 4x the read's duration when that is longer, so a long history costs at most a
+quarter of the refresher's time) with :func:`atlasd.status.collect_status` (what ``atlasd status --json`` prints) on
 ONE persistent connection (``statement_timeout`` 10 s, ``lock_timeout`` 1 s: it never queues the
 SDK behind it). However many scrapes arrive at once, atlasd holds at most that one connection for
 metrics and each scrape answers from memory. ``atlasd_metrics_refreshed_timestamp_seconds`` says
@@ -160,6 +161,7 @@ class StatusCollector(Collector):
         self._status: dict[str, Any] | None = None  # the last successful read (None after a failed one)
         self._refreshed_at: float | None = None  # time.time() of that read
         self._conn: psycopg.Connection | None = None
+        self._period = settings.metrics_refresh_s  # the refresh period in force (longer for a slow read)
 
     def refresh(self) -> None:
         """One read of ``collect_status`` on the refresher's connection (re-opened after an error)."""
@@ -179,10 +181,14 @@ class StatusCollector(Collector):
             self._status, self._refreshed_at = status, at
 
     def run(self) -> None:
-        """The refresher thread: refresh now, then every ``metrics_refresh_s`` until ``stopping``."""
+        """The refresher thread: refresh now, then every ``metrics_refresh_s`` (or 3x the last
+        refresh's duration when that is longer: at most a quarter of the time reading) until
+        ``stopping``."""
         while not self.stopping.is_set():
+            t = time.monotonic()
             self.refresh()
-            self.stopping.wait(self.settings.metrics_refresh_s)
+            self._period = max(self.settings.metrics_refresh_s, 4 * (time.monotonic() - t))
+            self.stopping.wait(self._period - (time.monotonic() - t))
         self.close()
 
     def close(self) -> None:
@@ -194,7 +200,7 @@ class StatusCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             status, at, errors = self._status, self._refreshed_at, self.scrape_errors
-        if at is not None and time.time() - at > STALE_AFTER_REFRESHES * self.settings.metrics_refresh_s:
+        if at is not None and time.time() - at > STALE_AFTER_REFRESHES * self._period:
             status = None  # the refresher is stuck (a query waiting): old values are not "up"
         yield from families(status, errors, at)
 
