@@ -22,7 +22,10 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from atlasd.settings import Settings
 
 STDERR_TAIL_BYTES = 8192
 LINE_LIMIT_BYTES = 8 << 20  # the longest stdout line kept (eval summaries are far shorter)
@@ -74,6 +77,15 @@ class Executor(Protocol):
     async def reap(self, pid: int, pgid: int, run_dir: Path, grace_s: float) -> bool: ...
 
     def logs(self, run_dir: Path) -> tuple[Path, Path]: ...
+
+
+def executor_for(settings: Settings) -> Executor:
+    """The executor ``ATLASD_EXECUTOR`` names: ``local`` (a child process here) or ``slurm`` (atlasd.slurm)."""
+    if settings.executor == "slurm":
+        from atlasd.slurm import SlurmExecutor
+
+        return SlurmExecutor(settings)
+    return LocalExecutor()
 
 
 def parse_event(line: str) -> dict[str, Any]:

@@ -60,7 +60,7 @@ import psycopg
 
 from atlasd import promotions, queue
 from atlasd.db import safe_error
-from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle
+from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle, executor_for
 from atlasd.health import Health
 from atlasd.logging import get_logger
 from atlasd.policies import Policy, PolicySet
@@ -662,4 +662,4 @@ class RunnerComponent:
 
 def create_component(settings: Settings) -> RunnerComponent:
     """Entry for ``atlasd.daemon.COMPONENT_MODULES``."""
-    return RunnerComponent(settings)
+    return RunnerComponent(settings, executor_for(settings))

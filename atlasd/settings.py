@@ -114,6 +114,35 @@ class Settings(BaseSettings):
         "not count: a hung main thread) is stopped and its run marked failed.",
     )
 
+    # executor: where the trainer runs (README "Cluster (Slurm)")
+    executor: Literal["local", "slurm"] = Field(
+        default="local", description="local: a child process on this machine; slurm: a Slurm batch job (sbatch)."
+    )
+    slurm_partition: str | None = Field(default=None, description="sbatch --partition of the training job.")
+    slurm_account: str | None = Field(default=None, description="sbatch --account of the training job.")
+    slurm_gpus: str | None = Field(default=None, description='sbatch --gpus (e.g. "1" or "a100:1").')
+    slurm_time: str | None = Field(
+        default=None, description='sbatch --time (e.g. "4:00:00"); at the limit the trainer gets SIGTERM 120 s early.'
+    )
+    slurm_extra_args: list[str] = Field(
+        default_factory=list,
+        description='More sbatch arguments, a JSON list (e.g. ["--qos=high", "--container-mounts=/shared:/shared"]).',
+    )
+    slurm_shared_dir: Path | None = Field(
+        default=None,
+        description="The shared filesystem the compute nodes see; the run folders (STATE_DIR/runs) must be inside it "
+        "(default: STATE_DIR itself must be shared).",
+    )
+    slurm_container_image: str | None = Field(
+        default=None, description="Pyxis container image of the job (sbatch --container-image)."
+    )
+    slurm_python: str | None = Field(
+        default=None,
+        description="The Python that runs `-m trainers` on the compute node (default: the daemon's own interpreter; "
+        "`python` with a container image).",
+    )
+    slurm_poll_s: float = Field(default=5.0, gt=0, description="How often squeue is asked whether the job still runs.")
+
     # registry child (python -m registry) and promotion hooks
     registry_source: Literal["artifacts", "path"] = Field(
         default="artifacts",

@@ -24,6 +24,7 @@ from atlasd.promotions import champions
 from atlasd.queue import counts_by_state_sync
 from atlasd.retention import last_gc
 from atlasd.settings import Settings
+from atlasd.slurm import executor_info
 
 
 def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
         "champion": champions(conn),  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
         "training": _training(conn),
         "registrations": registrations,
-        "runner": _runner(conn),
+        "runner": {**_runner(conn), "executor": settings.executor},  # configured here; a run's own: training.running
         "promotions": _promotions(conn),
         "disk": last_gc(settings),  # the last gc's figures (`atlasd gc --dry-run` measures now)
         **status_sections(conn, settings),
@@ -101,7 +102,7 @@ def _training(conn: psycopg.Connection) -> dict[str, Any]:
     gear, when a run last succeeded."""
     row = conn.execute(
         """SELECT id, policy, gear, started_at, heartbeat_at, metrics, progress_at,
-                  extract(epoch FROM now() - progress_at)::float8
+                  extract(epoch FROM now() - progress_at)::float8, pid, output_dir
              FROM atlasd.runs WHERE state = 'running'"""
     ).fetchone()
     deferred = conn.execute(
@@ -115,7 +116,7 @@ def _training(conn: psycopg.Connection) -> dict[str, Any]:
     conn.rollback()
     running = None
     if row is not None:
-        run_id, policy, gear, started_at, heartbeat_at, metrics, progress_at, progress_age = row
+        run_id, policy, gear, started_at, heartbeat_at, metrics, progress_at, progress_age, pid, output_dir = row
         metrics = metrics or {}
         running = {
             "run_id": run_id,
@@ -128,6 +129,7 @@ def _training(conn: psycopg.Connection) -> dict[str, Any]:
             "loss": metrics.get("loss"),
             "progress_at": _iso(progress_at),
             "progress_age_s": progress_age,  # no progress for ATLASD_STALE_PROGRESS_S: stopped as hung
+            **executor_info(run_id, output_dir, pid),  # executor: local (pid) or slurm (job_id)
         }
     last_success: dict[str, dict[str, str]] = {}
     for policy, gear, finished_at in last:

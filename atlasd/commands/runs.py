@@ -11,6 +11,7 @@ from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.commands.policies import with_db
 from atlasd.settings import redact_url
+from atlasd.slurm import executor_info
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +85,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run is None:
         raise CommandError(f"no run {args.id}")
     data = json.loads(redact_url(json.dumps(run.model_dump(mode="json"))))  # rows written before specs were password-free
+    data.update(executor_info(run.id, run.output_dir, run.pid) if run.pid or run.output_dir else {})
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
