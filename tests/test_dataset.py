@@ -1,12 +1,17 @@
 """Dataset building from SDK-shaped rows in a real PostgreSQL: conversations, filters and skip
 reasons, rehearsal, the frozen eval split, poison rows (oversized sessions, scores no float can
-hold) and prompt truncation in O(log n) tokenizations."""
+hold), reading in short statements that never hold the SDK's ALTER TABLE (lock waits retried,
+pages halved past statement_timeout, any page size reads the same) and prompt truncation in
+O(log n) tokenizations."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -14,11 +19,15 @@ import pytest
 
 from atlasd.runspec import RunSpec
 from tests.traces import add_session, arithmetic_session, event
+from trainers import dataset
 from trainers.dataset import (
-    _SESSIONS,
-    _WINDOW_SEL,
+    DatasetError,
     Example,
+    _build,
     _params,
+    _read_sessions,
+    _Reader,
+    _select,
     build_dataset,
     encode_prompt,
     eval_set_hash,
@@ -202,10 +211,17 @@ def test_oversized_sessions_are_skipped_unread(db_url):
     build = build_dataset(spec)
     assert [e.session_id for e in build.train] == fine and build.n_rehearsal == 0
     assert build.skipped == {"oversized": 4 + rehearsal_size(3, 0.5)}  # the window's 4, 3 of the old 4 sampled
-    with psycopg.connect(db_url) as conn:  # what the trainer receives for them: the reason, no content
-        rows = conn.execute(_SESSIONS.format(sel=_WINDOW_SEL), _params(spec)).fetchall()
-    skipped_rows = [r for r in rows if r[2] == "oversized"]
-    assert len(skipped_rows) == 4 and all(v is None for r in skipped_rows for v in r[3:])
+    with psycopg.connect(db_url, autocommit=True) as conn:  # what the trainer reads of them: sizes, no content
+        reader = _Reader(conn)
+        params = _params(spec, now=conn.execute("SELECT now()").fetchone()[0])
+        window = {key: (seq, "window") for seq, key, reason in _select(reader, spec, params, with_train=True).window
+                  if reason is None}
+        sessions = _read_sessions(reader, params, window)
+        fine_bytes = conn.execute("SELECT sum(octet_length(event::text)) FROM trajectory_events"
+                                  " WHERE session_id = ANY(%s)", [fine]).fetchone()[0]
+    over = [s for s in sessions.values() if s.state == "oversized"]
+    assert len(over) == 4 and all(s.example is None and not s.messages for s in over)
+    assert reader.stats.event_bytes == fine_bytes  # not one event of an oversized session was fetched
     assert build_dataset(make_spec(db_url, window_lo=old[-1][1])).skipped == {}  # under the default 8 MiB cap
 
     # in the frozen eval set: skipped and counted, the rest of the set stays
@@ -253,6 +269,154 @@ def test_scores_no_float_can_hold_never_fail_the_build(db_url):
     build = build_dataset(make_spec(db_url))
     assert {e.session_id for e in build.train} == set(usable)
     assert build.skipped == {"low_reward": 5, "malformed": 6}
+
+
+# --- reading in short statements: the SDK's ALTER TABLE is never held ---------------------------
+def add_history(conn: psycopg.Connection, n: int) -> None:
+    """``n`` approved, succeeded 'math' sessions recorded by the intake (every 10th below min_reward),
+    each with a plan and two small events, written set-based (200,000 in a few seconds)."""
+    conn.execute(f"""
+        INSERT INTO sessions (task, status, metadata, final_answer, reward_stats, review_status, created_at)
+        SELECT 'Tom has ' || g || ' apples and buys 1 more. How many apples?', 'succeeded',
+               '{{"learning_key": "math"}}', (g + 1)::text,
+               jsonb_build_object('score', CASE WHEN g % 10 = 0 THEN 0.2 ELSE 0.9 END), 'approved',
+               now() - make_interval(secs => {n} - g)
+          FROM generate_series(1, {n}) g""")
+    conn.execute("""INSERT INTO plans (session_id, plan)
+                    SELECT id, '{"steps": [{"id": 1, "description": "add the numbers", "depends_on": []}]}'
+                      FROM sessions""")
+    conn.execute("""
+        INSERT INTO trajectory_events (session_id, event)
+        SELECT s.id, jsonb_build_object('payload', jsonb_build_object(
+                   'metadata', jsonb_build_object('actor', a.actor), 'data', jsonb_build_object(a.key, a.txt || s.id)))
+          FROM sessions s, (VALUES (1, 'student', 'input', 'What is this? '),
+                                   (2, 'teacher', 'output', 'Final Answer: ')) a(k, actor, key, txt)
+         ORDER BY s.id, a.k""")
+    conn.execute("""INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at)
+                    SELECT id, 'math', (reward_stats->>'score')::float8, created_at FROM sessions ORDER BY id""")
+    conn.execute("ANALYZE")
+
+
+PROBE = "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS atlasd_probe int"  # what the SDK runs on every connect
+
+
+def test_the_sdks_alter_table_is_never_held_by_a_build(db_url):
+    """200,000 sessions: while the trainer reads them, the SDK's ALTER TABLE (ACCESS EXCLUSIVE on
+    sessions, even when the column exists) runs every 100 ms with lock_timeout 1 s: none times out,
+    and the build reads what it reads without them."""
+    n = 200_000
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        add_history(conn, n)
+        conn.execute(PROBE)
+        with psycopg.connect(db_url) as holder:  # the no-op ALTER still needs the lock
+            holder.execute("SELECT 1 FROM sessions LIMIT 1")
+            conn.execute("SET lock_timeout = '100ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                conn.execute(PROBE)
+    spec = make_spec(db_url, window_lo=n // 2, learning_key="math", rehearsal_fraction=0.1, rehearsal_seed=7,
+                     eval={"eval_fraction": 0.01, "max_samples": 200})
+    quiet = build_dataset(spec)
+    assert len(quiet.train) > n // 2 * 0.85 and quiet.n_rehearsal > 0 and len(quiet.eval) == 200
+
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(db_url, autocommit=True) as sdk:
+        sdk.execute("SET lock_timeout = '1s'")
+        running = pool.submit(_build, spec)
+        probes, failures, longest = 0, [], 0.0
+        while not running.done():
+            start = time.monotonic()
+            try:
+                sdk.execute(PROBE)
+            except psycopg.errors.LockNotAvailable as exc:
+                failures.append(str(exc))
+            probes += 1
+            longest = max(longest, time.monotonic() - start)
+            time.sleep(0.1)
+        build, stats = running.result()
+    assert not failures, (failures, stats)
+    assert probes >= 20, probes  # the build took seconds: the ALTER ran all along
+    assert (build.train, build.eval, build.skipped) == (quiet.train, quiet.eval, quiet.skipped)
+    print(f"\n{probes} ALTERs, the longest waited {longest:.3f} s; {stats}")
+
+
+def test_a_statement_that_waits_for_a_lock_is_retried(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ids = [arithmetic_session(conn, i, 1)[0] for i in range(12)]
+    spec = make_spec(db_url, eval={"eval_fraction": 0.2})
+    quiet = build_dataset(spec)
+    assert len(quiet.train) + len(quiet.eval) == len(ids)
+    locked = threading.Event()
+
+    def hold(seconds: float) -> None:
+        with psycopg.connect(db_url) as conn:
+            conn.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            time.sleep(seconds)
+
+    with ThreadPoolExecutor(1) as pool:  # held 1.5 s: the first statement on sessions times out once, then succeeds
+        holder = pool.submit(hold, 1.5)
+        locked.wait(10)
+        start = time.monotonic()
+        build, stats = _build(spec)
+        holder.result()
+    assert stats.lock_retries >= 1 and time.monotonic() - start >= 1.0
+    assert (build.train, build.eval, build.skipped) == (quiet.train, quiet.eval, quiet.skipped)
+
+
+def test_a_lock_held_past_the_retries_fails_the_build_cleanly(db_url, monkeypatch):
+    monkeypatch.setattr(dataset, "LOCK_TIMEOUT_MS", 100)
+    monkeypatch.setattr(dataset, "LOCK_BACKOFF_S", 0.01)
+    monkeypatch.setattr(dataset, "LOCK_RETRIES", 2)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        arithmetic_session(conn, 1, 1)
+    with psycopg.connect(db_url) as holder:
+        holder.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(DatasetError, match="LockNotAvailable"):
+            build_dataset(make_spec(db_url))
+
+
+def test_a_page_over_statement_timeout_is_retried_at_half_its_size(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = 150")
+        reader = _Reader(conn)
+        rows, size = reader.shrinking("sleep", "SELECT pg_sleep(%(n)s * 0.04), %(n)s", lambda n: {"n": n}, 16)
+    assert (size, rows[0][1], reader.stats.cancelled) == (2, 2, 3)  # 16, 8, 4 cancelled; 2 took 80 ms
+
+
+def test_tiny_pages_and_event_ranges_read_the_same_dataset(db_url, monkeypatch):
+    """Every page boundary: intake pages of 2 rows, 1-3 sessions per statement, event ranges from
+    one id up, an oversized session crossing ranges: the same examples, reasons and counts."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for i in range(30):
+            kind = i % 6
+            if kind == 0:
+                arithmetic_session(conn, i, 1, reward=0.1)
+            elif kind == 1:  # events over the cap, one range at a time
+                add_session(conn, task=f"big {i}", final_answer="1",
+                            events=[event("teacher", noise(1_500, (i, k))) for k in range(4)])
+            elif kind == 2:
+                add_session(conn, task=f"steps {i}", final_answer="2", steps=[{"step_id": 1, "output": "o"}],
+                            guidance=[(1, "g1"), (1, "g2")])
+            else:
+                arithmetic_session(conn, i, 2)
+            if i % 4 == 0:  # another session's event between this one's
+                conn.execute("INSERT INTO trajectory_events (session_id, event) VALUES (1, %s)",
+                              [json.dumps(event("student", f"late {i}"))])
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM atlasd.intake ORDER BY seq")]
+    spec = make_spec(db_url, window_lo=seqs[9], max_session_bytes=5_000, rehearsal_fraction=0.4,
+                     eval={"eval_fraction": 0.2, "max_samples": 3})
+    default, default_stats = _build(spec)
+    assert default.n_rehearsal and default.skipped["oversized"] and default.skipped["low_reward"]
+    monkeypatch.setattr(dataset, "SCAN_PAGE", 2)
+    monkeypatch.setattr(dataset, "SESSION_PAGE", 3)
+    monkeypatch.setattr(dataset, "EVENT_CHUNK", 1)
+    monkeypatch.setattr(dataset, "CONTENT_BYTES", 1)
+    tiny, stats = _build(spec)
+    assert (tiny.train, tiny.eval, tiny.skipped) == (default.train, default.eval, default.skipped)
+    assert stats.statements > 40
+    # one range at a time, an oversized session's first events are read before its size is known
+    # (then dropped); in one range none of them is
+    assert stats.event_bytes > default_stats.event_bytes
+    assert build_dataset(spec, with_train=False).eval == default.eval
 
 
 def quadratic_encode_prompt(tokenizer, messages, max_tokens):

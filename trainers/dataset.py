@@ -1,4 +1,4 @@
-"""Approved Atlas SDK sessions -> (prompt, completion) examples, streamed from PostgreSQL.
+"""Approved Atlas SDK sessions -> (prompt, completion) examples, read from PostgreSQL in short statements.
 
 Which sessions (all through ``atlasd.intake``, the daemon's record of approved sessions):
 
@@ -22,11 +22,30 @@ everything before the last assistant turn and the **completion** that turn. A co
 assistant turn gets the session's ``final_answer`` as its assistant completion (the answer is what
 is judged); with neither, the session is skipped (reason ``no_completion``).
 
-Rows are read with server-side cursors; events, steps and guidance are aggregated per session in
-one hash-joined query (``trajectory_events`` has no index on ``session_id``). A session whose
-text for the trainer exceeds ``traces.max_session_bytes`` (default 8 MiB) is measured in SQL and
-skipped unread (reason ``oversized``, also counted when it is in the eval set or the rehearsal
-sample): PostgreSQL refuses to aggregate 256 MB of events, and the trainer never holds it.
+Reading never holds a lock on an SDK table for long: the SDK runs ``ALTER TABLE sessions ADD
+COLUMN IF NOT EXISTS`` on every connect, which needs an ACCESS EXCLUSIVE lock on ``sessions``, waits
+for every statement holding a lock there and queues every later SDK statement behind it. Every
+statement of a build runs on its own (autocommit: no transaction spans two of them) and is bounded
+(a page of intake rows, a page of sessions, a range of event ids), with ``lock_timeout`` 1 s (a
+statement that waited that long, say behind the SDK's queued ALTER, is retried after a backoff,
+six times) and ``statement_timeout`` 5 s (a page over it is retried at half its size). In order:
+
+1. ``atlasd.intake`` in pages by seq, the window first, each row with its session by primary key
+   and identity (id, created_at): the window's rows and reasons, the eval set, the rehearsal sample
+   (md5 order; only as many candidates as the window's usable rows can call for);
+2. the wanted sessions' sizes without their events, by page (plans, step_results and
+   guidance_notes by session_id);
+3. ``trajectory_events`` (no index on ``session_id``) once, in ranges of its primary key: the wanted
+   events' sizes, then the content of those whose session is still within
+   ``traces.max_session_bytes`` (default 8 MiB). A session is dropped as ``oversized`` as soon as
+   its bytes exceed the cap and no more of it is read: its content is never fetched when it is over
+   the cap before its events or within one range, and at most the cap of it otherwise;
+4. the remaining sessions' content, by page and identity (a window session deleted, or whose id
+   was reused, since step 1 is skipped as ``session_deleted``), each turned into its example.
+
+Sizes are measured in SQL: text as stored (never decompressed), JSON as text unless it is stored
+over the cap. ``oversized`` is also counted for a session in the eval set or the rehearsal sample.
+The clock of ``max_age_days`` is read once per build.
 
 Long prompts are cut by :func:`encode_prompt` with O(log n) tokenizations of an n-turn session.
 """
@@ -34,10 +53,13 @@ Long prompts are cut by :func:`encode_prompt` with O(log n) tokenizations of an 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +132,9 @@ def eval_set_hash(examples: Iterable[Example]) -> str:
 
 
 # --- SQL --------------------------------------------------------------------------------------
+# Every statement below is short and bounded (a page of intake rows, a page of sessions, a range
+# of event ids) and runs on its own in autocommit mode: no lock on an SDK table outlives it.
+
 # The same split hash as split_hash(), in SQL.
 _SPLIT_SQL = (
     "(('x' || substr(encode(sha256(convert_to(%(salt)s || ':' || s.id::text, 'UTF8')), 'hex'), 1, 15))"
@@ -121,12 +146,13 @@ _KEY_OK = "(%(learning_key)s::text IS NULL OR s.metadata->>'learning_key' = %(le
 # can fail the query, whatever order the planner evaluates the conditions in.
 _SCORE = "(CASE WHEN jsonb_typeof(s.reward_stats->'score') = 'number' THEN (s.reward_stats->'score')::numeric END)"
 _REWARD_OK = f"(COALESCE({_SCORE}, -1) >= %(min_reward)s::numeric)"
-_AGE_OK = "(%(max_age_days)s::double precision IS NULL OR s.created_at >= now() - make_interval(secs => %(max_age_days)s::double precision * 86400))"
+# %(now)s: the build's clock, read once, so that every page applies the same cut-off.
+_AGE_OK = ("(%(max_age_days)s::double precision IS NULL OR s.created_at >= %(now)s::timestamptz"
+           " - make_interval(secs => %(max_age_days)s::double precision * 86400))")
 _USABLE = f"i.malformed IS NULL AND i.revoked_at IS NULL AND {_READY} AND {_KEY_OK} AND {_REWARD_OK}"
 
-# Every intake row of the window, with the reason it cannot be used (NULL: usable).
-_WINDOW_SEL = f"""
-SELECT i.seq, i.session_id,
+# The reason a window row cannot be used (NULL: usable), in this order; then 'eval_split' (_scan).
+_WINDOW_REASON = f"""
        CASE WHEN i.malformed IS NOT NULL THEN 'malformed'
             WHEN i.revoked_at IS NOT NULL THEN 'revoked'
             WHEN s.id IS NULL THEN 'session_deleted'
@@ -134,76 +160,79 @@ SELECT i.seq, i.session_id,
             WHEN NOT {_KEY_OK} THEN 'other_learning_key'
             WHEN NOT {_REWARD_OK} THEN 'low_reward'
             WHEN NOT {_AGE_OK} THEN 'too_old'
-            WHEN {_SPLIT_SQL} THEN 'eval_split'
-       END AS reason
-  FROM atlasd.intake i LEFT JOIN sessions s ON s.id = i.session_id AND s.created_at = i.session_created_at
- WHERE i.seq > %(window_lo)s AND i.seq <= %(window_hi)s
-"""
+       END"""  # then 'eval_split' when the row's split is true (_scan)
 
-_REHEARSAL_SEL = f"""
-SELECT i.seq, i.session_id, NULL::text AS reason
-  FROM atlasd.intake i JOIN sessions s ON s.id = i.session_id AND s.created_at = i.session_created_at
- WHERE i.seq <= %(window_lo)s AND {_USABLE} AND {_AGE_OK} AND NOT {_SPLIT_SQL}
- ORDER BY md5(%(rehearsal_seed)s::text || ':' || i.session_id::text), i.seq
- LIMIT %(rehearsal_n)s
-"""
-
-_EVAL_SEL = f"""
-SELECT i.seq, i.session_id, NULL::text AS reason
-  FROM atlasd.intake i JOIN sessions s ON s.id = i.session_id AND s.created_at = i.session_created_at
- WHERE i.seq <= %(window_hi)s AND {_USABLE} AND {_SPLIT_SQL}
+# One page of intake rows (seq in (after, upto], at most `page` of them: the statement is bounded
+# by the page, not by how many rows match) with the session of the same identity (id, created_at),
+# looked up by primary key (LATERAL ... OFFSET 0: never a hash join over all sessions). Per row:
+# the window reason, and the conditions of the eval set (usable AND split) and of the rehearsal
+# pool (usable AND age_ok AND NOT split), with WHERE semantics (NULL is false).
+_SCAN = f"""
+SELECT i.seq, i.session_id, i.session_created_at, {_WINDOW_REASON} AS reason,
+       ({_USABLE}) IS TRUE AS usable, ({_AGE_OK}) IS TRUE AS age_ok, ({_SPLIT_SQL}) IS TRUE AS split
+  FROM (SELECT seq, session_id, session_created_at, malformed, revoked_at FROM atlasd.intake
+         WHERE seq > %(after)s AND seq <= %(upto)s ORDER BY seq LIMIT %(page)s) i
+  LEFT JOIN LATERAL (SELECT id, review_status, status, metadata, reward_stats, created_at FROM sessions
+                      WHERE id = i.session_id AND created_at = i.session_created_at OFFSET 0) s ON true
  ORDER BY i.seq
- LIMIT %(eval_max)s
 """
 
-# Sessions of `sel` with their plan, events, steps and guidance aggregated (hash joins). `size` is
-# each candidate's bytes for the trainer: text columns by octet_length (the stored length, nothing
-# is decompressed), JSON as text, except a JSON value stored larger than the cap, which is counted
-# as stored and never decompressed. A session over max_session_bytes is skipped as 'oversized' and
-# none of its content is fetched. Events (the bulk, no index on session_id) are read in one pass.
-_SESSIONS = """
-WITH sel AS ({sel}),
-cand AS (SELECT seq, session_id FROM sel WHERE reason IS NULL),
-evc AS (SELECT e.id, e.session_id, e.event FROM trajectory_events e JOIN cand USING (session_id)),
-size AS (SELECT session_id, sum(bytes) AS bytes FROM (
-           SELECT session_id, CASE WHEN pg_column_size(event) > %(max_session_bytes)s THEN pg_column_size(event)
-                                   ELSE octet_length(event::text) END AS bytes FROM evc
-           UNION ALL
-           SELECT p.session_id, CASE WHEN pg_column_size(p.plan) > %(max_session_bytes)s THEN pg_column_size(p.plan)
-                                     ELSE octet_length(p.plan::text) END
-             FROM plans p JOIN cand USING (session_id)
-           UNION ALL
-           SELECT r.session_id, coalesce(octet_length(r.output), 0) + coalesce(octet_length(r.trace), 0)
-             FROM step_results r JOIN cand USING (session_id)
-           UNION ALL
-           SELECT g.session_id, coalesce(octet_length(g.note), 0) FROM guidance_notes g JOIN cand USING (session_id)
-           UNION ALL
-           SELECT s.id, octet_length(s.task) + coalesce(octet_length(s.final_answer), 0)
-             FROM sessions s JOIN cand ON s.id = cand.session_id) b
-         GROUP BY session_id),
-ok AS (SELECT seq, session_id FROM cand LEFT JOIN size USING (session_id)
-        WHERE coalesce(size.bytes, 0) <= %(max_session_bytes)s),
-ev AS (SELECT e.session_id, jsonb_agg(e.event ORDER BY e.id) AS events
-         FROM evc e JOIN ok USING (session_id) GROUP BY e.session_id),
-st AS (SELECT r.session_id,
-              jsonb_agg(jsonb_build_object('step_id', r.step_id, 'output', r.output, 'trace', r.trace)
-                        ORDER BY r.step_id) AS steps
-         FROM step_results r JOIN ok USING (session_id) GROUP BY r.session_id),
-gn AS (SELECT g.session_id,
-              jsonb_agg(jsonb_build_object('step_id', g.step_id, 'note', g.note)
-                        ORDER BY g.step_id, g.sequence) AS guidance
-         FROM guidance_notes g JOIN ok USING (session_id) GROUP BY g.session_id)
-SELECT sel.seq, sel.session_id,
-       CASE WHEN sel.reason IS NULL AND ok.session_id IS NULL THEN 'oversized' ELSE sel.reason END AS reason,
-       s.task, s.final_answer, p.plan, ev.events, st.steps, gn.guidance
-  FROM sel
-  LEFT JOIN ok ON ok.session_id = sel.session_id
-  LEFT JOIN sessions s ON s.id = ok.session_id
-  LEFT JOIN plans p ON p.session_id = ok.session_id
-  LEFT JOIN ev ON ev.session_id = sel.session_id
-  LEFT JOIN st ON st.session_id = sel.session_id
-  LEFT JOIN gn ON gn.session_id = sel.session_id
- ORDER BY sel.seq
+# A page of sessions' bytes for the trainer, apart from their events: text columns by octet_length
+# (the stored length, nothing is decompressed), JSON as text, except a JSON value stored larger than
+# the cap, which is counted as stored and never decompressed. plans, step_results and
+# guidance_notes are read by session_id (the SDK's primary keys start with it). Each session comes
+# with its created_at: the caller keeps only the identity it selected.
+_SIZES = """
+WITH part AS (
+  SELECT p.session_id, CASE WHEN pg_column_size(p.plan) > %(max_session_bytes)s THEN pg_column_size(p.plan)
+                            ELSE octet_length(p.plan::text) END AS bytes
+    FROM plans p WHERE p.session_id = ANY(%(ids)s::int[])
+  UNION ALL
+  SELECT r.session_id, coalesce(octet_length(r.output), 0) + coalesce(octet_length(r.trace), 0)
+    FROM step_results r WHERE r.session_id = ANY(%(ids)s::int[])
+  UNION ALL
+  SELECT g.session_id, coalesce(octet_length(g.note), 0)
+    FROM guidance_notes g WHERE g.session_id = ANY(%(ids)s::int[])),
+sums AS (SELECT session_id, sum(bytes) AS bytes FROM part GROUP BY session_id)
+SELECT s.id, s.created_at,
+       octet_length(s.task) + coalesce(octet_length(s.final_answer), 0) + coalesce(sums.bytes, 0)
+  FROM sessions s LEFT JOIN sums ON sums.session_id = s.id
+ WHERE s.id = ANY(%(ids)s::int[])
+"""
+
+# trajectory_events has no index on session_id: it is read once, in ranges of its primary key.
+# First each wanted event's size (the same measure as above) ...
+_EVENT_SIZES = """
+SELECT id, session_id, CASE WHEN pg_column_size(event) > %(max_session_bytes)s THEN pg_column_size(event)
+                            ELSE octet_length(event::text) END
+  FROM trajectory_events
+ WHERE id > %(lo)s AND id <= %(hi)s AND session_id = ANY(%(ids)s::int[])
+ ORDER BY id
+"""
+# ... then the content of those whose session is still within max_session_bytes.
+_EVENTS = """
+SELECT id, event::text FROM trajectory_events
+ WHERE id > %(lo)s AND id <= %(hi)s AND id = ANY(%(want)s::int[])
+ ORDER BY id
+"""
+
+# The content of a page of sessions within the cap, read last (a session not found here by its
+# identity is gone: deleted since it was selected, or its id reused).
+_CONTENT = """
+WITH st AS (SELECT r.session_id,
+                   jsonb_agg(jsonb_build_object('step_id', r.step_id, 'output', r.output, 'trace', r.trace)
+                             ORDER BY r.step_id) AS steps
+              FROM step_results r WHERE r.session_id = ANY(%(ids)s::int[]) GROUP BY r.session_id),
+     gn AS (SELECT g.session_id,
+                   jsonb_agg(jsonb_build_object('step_id', g.step_id, 'note', g.note)
+                             ORDER BY g.step_id, g.sequence) AS guidance
+              FROM guidance_notes g WHERE g.session_id = ANY(%(ids)s::int[]) GROUP BY g.session_id)
+SELECT s.id, s.created_at, s.task, s.final_answer, p.plan, st.steps, gn.guidance
+  FROM sessions s
+  LEFT JOIN plans p ON p.session_id = s.id
+  LEFT JOIN st ON st.session_id = s.id
+  LEFT JOIN gn ON gn.session_id = s.id
+ WHERE s.id = ANY(%(ids)s::int[])
 """
 
 
@@ -253,8 +282,13 @@ def system_message(task: str, plan: Any) -> dict[str, str]:
 def conversation(task: str, plan: Any, events: list | None, steps: list | None, guidance: list | None,
                  final_answer: str | None) -> list[dict[str, str]]:
     """The session as chat messages (system first); ends with an assistant turn unless none exists."""
+    return _conversation(task, plan, [m for m in map(event_message, events or []) if m], steps, guidance, final_answer)
+
+
+def _conversation(task: str, plan: Any, from_events: list[dict[str, str]], steps: list | None, guidance: list | None,
+                  final_answer: str | None) -> list[dict[str, str]]:
+    """conversation() with the events already turned into messages (event_message, None dropped)."""
     messages = [system_message(task, plan)]
-    from_events = [m for m in map(event_message, events or []) if m]
     if from_events:
         messages += from_events
     else:
@@ -277,21 +311,134 @@ def conversation(task: str, plan: Any, events: list | None, steps: list | None, 
 
 def to_example(row: dict, source: str) -> Example | str:
     """An Example, or the reason the session is skipped."""
+    return _example(row, [m for m in map(event_message, row.get("events") or []) if m], row["session_id"], row["seq"],
+                    source)
+
+
+def _example(row: dict, from_events: list[dict[str, str]], session_id: int, seq: int, source: str) -> Example | str:
     if not _text(row.get("task")):
         return "no_task"
-    messages = conversation(row["task"], row.get("plan"), row.get("events"), row.get("steps"),
-                            row.get("guidance"), row.get("final_answer"))
+    messages = _conversation(row["task"], row.get("plan"), from_events, row.get("steps"), row.get("guidance"),
+                             row.get("final_answer"))
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None or last == 0:
         return "no_completion"
     completion = messages[last]["content"]
     return Example(
-        session_id=row["session_id"], seq=row["seq"], prompt=messages[:last], completion=completion,
+        session_id=session_id, seq=seq, prompt=messages[:last], completion=completion,
         reference=_text(row.get("final_answer")) or completion, source=source,
     )
 
 
-# --- building ---------------------------------------------------------------------------------
+# --- reading ----------------------------------------------------------------------------------
+LOCK_TIMEOUT_MS = 1_000  # a statement waits at most this long for a lock (the SDK's ALTER may be queued) ...
+LOCK_RETRIES = 6  # ... then it is retried, this many times, after LOCK_BACKOFF_S * 2**n (at most 2 s)
+LOCK_BACKOFF_S = 0.1
+STATEMENT_TIMEOUT_MS = 5_000  # a statement running longer is cancelled and retried on half its page
+SCAN_PAGE = 5_000  # intake rows per selection statement
+SESSION_PAGE = 1_000  # sessions per size or content statement ...
+CONTENT_BYTES = 32 << 20  # ... and per content statement, at most this many of their bytes
+EVENT_CHUNK = 50_000  # trajectory_events ids per statement at first, then adapted to take 0.25-1 s
+EVENT_CHUNK_MAX = 1_000_000
+
+Key = tuple[int, datetime]  # a session's identity: (sessions.id, sessions.created_at)
+
+
+@dataclass
+class ReadStats:
+    """What reading cost: statements (each timed with its rows' transfer), lock waits retried,
+    statements cancelled by statement_timeout, the longest statement."""
+    statements: int = 0
+    lock_retries: int = 0
+    cancelled: int = 0
+    longest: float = 0.0  # seconds
+    longest_name: str = ""
+    seconds: Counter = field(default_factory=Counter)  # per kind of statement: in all ...
+    slowest: Counter = field(default_factory=Counter)  # ... and the longest one
+    event_bytes: int = 0  # event content fetched (bytes as measured for max_session_bytes)
+
+
+class _Reader:
+    """Runs one short autocommit statement at a time. One that waited LOCK_TIMEOUT_MS for a lock
+    (say behind the SDK's queued ALTER TABLE) is retried after a backoff, LOCK_RETRIES times; one
+    cancelled by statement_timeout is retried on a smaller page (shrinking, halving)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn, self.stats = conn, ReadStats()
+
+    def rows(self, name: str, sql: str, params: dict) -> list[tuple]:
+        attempt = 0
+        while True:
+            start = time.monotonic()
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except psycopg.errors.LockNotAvailable:
+                if attempt == LOCK_RETRIES:
+                    raise
+            finally:
+                self._timed(name, time.monotonic() - start)
+            self.stats.lock_retries += 1
+            time.sleep(min(LOCK_BACKOFF_S * 2**attempt, 2.0))
+            attempt += 1
+
+    def _timed(self, name: str, seconds: float) -> None:
+        self.stats.statements += 1
+        self.stats.seconds[name] += seconds
+        self.stats.slowest[name] = max(self.stats.slowest[name], seconds)
+        if seconds > self.stats.longest:
+            self.stats.longest, self.stats.longest_name = seconds, name
+
+    def shrinking(self, name: str, sql: str, params: Callable[[int], dict], size: int) -> tuple[list[tuple], int]:
+        """rows() of the page of ``size`` that params(size) describes, halving ``size`` while the
+        statement is cancelled by statement_timeout; returns the rows and the size used."""
+        while True:
+            try:
+                return self.rows(name, sql, params(size)), size
+            except psycopg.errors.QueryCanceled:
+                if size <= 1:
+                    raise
+                self.stats.cancelled += 1
+                size //= 2
+
+    def halving(self, name: str, sql: str, params: Callable[[list], dict], items: list) -> list[tuple]:
+        """rows() for the statement on ``items`` (ids, keys); cancelled by statement_timeout, it is
+        run on each half instead."""
+        try:
+            return self.rows(name, sql, params(items))
+        except psycopg.errors.QueryCanceled:
+            if len(items) <= 1:
+                raise
+            self.stats.cancelled += 1
+            half = len(items) // 2
+            return self.halving(name, sql, params, items[:half]) + self.halving(name, sql, params, items[half:])
+
+
+@dataclass
+class _Session:
+    """A wanted session as read: where it was selected, its bytes so far, its event messages until
+    its content is read, then its Example (or why it has none: no_task, no_completion)."""
+    seq: int
+    source: str  # window | rehearsal | eval
+    bytes: int = 0
+    state: str = "gone"  # ok | oversized | gone (deleted, or its id reused, since it was selected)
+    messages: list[dict[str, str]] = field(default_factory=list)  # from its events, in id order
+    example: Example | str | None = None
+
+    @property
+    def outcome(self) -> Example | str:
+        """The Example, or why the session is skipped."""
+        if self.state == "ok":
+            return self.example
+        return "session_deleted" if self.state == "gone" else self.state
+
+
+@dataclass
+class _Selection:
+    window: list[tuple[int, Key, str | None]] = field(default_factory=list)  # (seq, key, reason), by seq
+    eval: list[tuple[int, Key]] = field(default_factory=list)  # (seq, key), by seq
+    rehearsal: list[tuple[int, Key]] = field(default_factory=list)  # the largest sample that can be needed, in order
+
+
 def _params(spec: RunSpec, **extra) -> dict:
     t = spec.traces
     return {
@@ -302,60 +449,220 @@ def _params(spec: RunSpec, **extra) -> dict:
     }
 
 
-def _stream(conn: psycopg.Connection, sel: str, params: dict, name: str) -> Iterator[dict]:
-    from psycopg.rows import dict_row
-
-    with conn.cursor(name=f"atlasd_{name}", row_factory=dict_row) as cur:
-        cur.itersize = 200
-        cur.execute(_SESSIONS.format(sel=sel), params)
-        yield from cur
+def _rehearsal_order(seed: int, session_id: int, seq: int) -> tuple[str, int]:
+    """The rehearsal sample's order: md5("seed:session_id") in hex (PostgreSQL's md5()), then seq."""
+    return hashlib.md5(f"{seed}:{session_id}".encode()).hexdigest(), seq
 
 
-def _collect(conn, sel, params, name, source, skipped: Counter) -> list[Example]:
-    out = []
-    for row in _stream(conn, sel, params, name):
-        if row["reason"]:
-            if row["reason"] != "eval_split":
-                skipped[row["reason"]] += 1
-            continue
-        ex = to_example(row, source)
-        if isinstance(ex, str):
-            skipped[ex] += 1
-        else:
-            out.append(ex)
-    return out
+def _scan(reader: _Reader, params: dict, after: int, upto: int) -> Iterator[list[tuple]]:
+    """Pages of intake rows with seq in (after, upto], in seq order: (seq, session_id,
+    session_created_at, reason, usable, age_ok, split)."""
+    size = SCAN_PAGE
+    while after < upto:
+        rows, size = reader.shrinking("select", _SCAN, lambda n, after=after: {
+            **params, "after": after, "upto": upto, "page": n}, size)
+        if rows:  # the last reason: in the frozen eval split (`split`, computed once per row)
+            yield [(seq, sid, created, "eval_split" if reason is None and split else reason, usable, age_ok, split)
+                   for seq, sid, created, reason, usable, age_ok, split in rows]
+        if len(rows) < size:
+            return
+        after = rows[-1][0]
 
 
+def _select(reader: _Reader, spec: RunSpec, params: dict, with_train: bool) -> _Selection:
+    """The window's rows, the eval set and the rehearsal candidates, from pages of the intake.
+
+    The window (lo, hi] is scanned first: its usable rows bound the rehearsal sample (rehearsal_size
+    of them; the sample is smaller when some of them turn out unusable once read), so the older rows
+    are sampled in the same pass as the eval set, keeping no more candidates than that."""
+    t, sel = spec.traces, _Selection()
+    eval_max = spec.eval.max_samples
+    window_eval: list[tuple[int, Key]] = []
+    k_max = 0
+    if with_train:
+        for page in _scan(reader, params, t.window_lo, t.window_hi):
+            for seq, sid, created, reason, usable, _age_ok, split in page:
+                sel.window.append((seq, (sid, created), reason))
+                if usable and split and len(window_eval) < eval_max:
+                    window_eval.append((seq, (sid, created)))
+        k_max = rehearsal_size(sum(1 for _, _, reason in sel.window if reason is None), t.rehearsal_fraction)
+    pool: list[tuple[tuple[str, int], Key]] = []  # ((md5, seq), key), trimmed to the k_max first
+    for page in _scan(reader, params, 0, min(t.window_lo, t.window_hi) if with_train else t.window_hi):
+        for seq, sid, created, _reason, usable, age_ok, split in page:
+            if usable and split and len(sel.eval) < eval_max:
+                sel.eval.append((seq, (sid, created)))
+            elif k_max and usable and age_ok and not split:
+                pool.append((_rehearsal_order(t.rehearsal_seed, sid, seq), (sid, created)))
+        if len(pool) > 2 * k_max + SCAN_PAGE:
+            pool = heapq.nsmallest(k_max, pool)
+        if len(sel.eval) >= eval_max and not k_max:
+            break
+    sel.eval = (sel.eval + window_eval)[:eval_max]
+    sel.rehearsal = [(order[1], key) for order, key in heapq.nsmallest(k_max, pool)]
+    return sel
+
+
+def _batches(keys: list[Key], sizes: dict[Key, int] | None = None) -> Iterator[list[Key]]:
+    """Pages of at most SESSION_PAGE sessions (and CONTENT_BYTES of them, when sizes are given)."""
+    batch: list[Key] = []
+    total = 0
+    for key in keys:
+        n = sizes[key] if sizes else 0
+        if batch and (len(batch) >= SESSION_PAGE or total + n > CONTENT_BYTES):
+            yield batch
+            batch, total = [], 0
+        batch.append(key)
+        total += n
+    if batch:
+        yield batch
+
+
+def _ints(values: Iterable[int]) -> str:
+    """An int[] literal (cast in SQL): far faster than psycopg's dumping of a long list."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _read_sessions(reader: _Reader, params: dict, wanted: dict[Key, tuple[int, str]]) -> dict[Key, _Session]:
+    """The wanted sessions ({key: (seq, source)}) read in three passes: their sizes without events,
+    their events, their content. A session is 'oversized' as soon as its bytes so far exceed
+    max_session_bytes, and no more of it is read; one not found by its identity in the first or the
+    last pass is 'gone'. Each becomes its Example as soon as its content is read."""
+    cap = params["max_session_bytes"]
+    keys = sorted(wanted)
+    sessions = {key: _Session(*wanted[key]) for key in keys}
+
+    def page(batch: list[Key]) -> dict:
+        return {**params, "ids": _ints(sid for sid, _ in batch)}
+
+    for batch in _batches(keys):
+        for sid, created, size in reader.halving("sizes", _SIZES, page, batch):
+            s = sessions.get((sid, created))
+            if s is not None:
+                s.state, s.bytes = ("ok" if size <= cap else "oversized"), size
+    _read_events(reader, params, {key[0]: s for key, s in sessions.items() if s.state == "ok"})
+    ok = [key for key in keys if sessions[key].state == "ok"]
+    for key in ok:
+        sessions[key].state = "gone"  # until its content is read, by identity
+    for batch in _batches(ok, {key: sessions[key].bytes for key in ok}):
+        for sid, created, task, final_answer, plan, steps, guidance in reader.halving("content", _CONTENT, page, batch):
+            s = sessions.get((sid, created))
+            if s is not None:
+                row = {"task": task, "final_answer": final_answer, "plan": plan, "steps": steps, "guidance": guidance}
+                s.state, s.example, s.messages = "ok", _example(row, s.messages, sid, s.seq, s.source), []
+    return sessions
+
+
+def _read_events(reader: _Reader, params: dict, wanted: dict[int, _Session]) -> None:
+    """trajectory_events, once, in ranges of its primary key: per range the wanted sessions' event
+    sizes, then the content of the events of the sessions still within max_session_bytes, turned
+    into messages in id order. A session over the cap leaves ``wanted`` (no later range asks for it)."""
+    cap = params["max_session_bytes"]
+    lo, last = reader.rows("events", "SELECT coalesce(min(id), 0)::bigint - 1, coalesce(max(id), 0) "
+                                     "FROM trajectory_events", {})[0]
+    chunk = EVENT_CHUNK
+    while lo < last and wanted:
+        start = time.monotonic()
+        rows, chunk = reader.shrinking("event_sizes", _EVENT_SIZES, lambda n, lo=lo, ids=_ints(wanted): {
+            **params, "lo": lo, "hi": lo + n, "ids": ids}, chunk)
+        hi = lo + chunk
+        for _, sid, size in rows:
+            s = wanted.get(sid)
+            if s is not None:
+                s.bytes += size
+                if s.bytes > cap:
+                    s.state, s.messages = "oversized", []
+                    del wanted[sid]
+        owner = {eid: sid for eid, sid, _ in rows if sid in wanted}
+        batch, total = [], 0
+        for n, (eid, _, size) in enumerate(row for row in rows if row[0] in owner):
+            batch.append(eid)
+            total += size
+            if total >= CONTENT_BYTES or n == len(owner) - 1:
+                reader.stats.event_bytes += total
+                texts = reader.halving("events", _EVENTS, lambda ids, lo=lo, hi=hi: {
+                    "lo": lo, "hi": hi, "want": _ints(ids)}, batch)
+                for (event_id, _), event in zip(texts, json.loads("[" + ",".join(text for _, text in texts) + "]")):
+                    message = event_message(event)
+                    if message:
+                        wanted[owner[event_id]].messages.append(message)
+                batch, total = [], 0
+        lo = hi
+        took = time.monotonic() - start
+        if took < 0.25 and chunk < EVENT_CHUNK_MAX:
+            chunk *= 2
+        elif took > 1.0 and chunk > 1_000:
+            chunk //= 2
+
+
+# --- building ---------------------------------------------------------------------------------
 def rehearsal_size(n_window: int, fraction: float) -> int:
     """Rehearsal examples so that they are ``fraction`` of the training set: n * f / (1 - f), rounded."""
     return round(n_window * fraction / (1 - fraction)) if n_window and fraction else 0
 
 
-def build_dataset(spec: RunSpec, dsn: str | None = None, *, with_train: bool = True) -> DatasetBuild:
-    """Window + rehearsal training examples and the frozen eval set, read from the Atlas database."""
+def _connect(dsn: str, spec: RunSpec) -> psycopg.Connection:
+    # autocommit: every statement is its own transaction, so no lock outlives it. No server-side
+    # prepared statements: each statement is planned with its parameters (hashed = ANY(array)).
+    conn = psycopg.connect(dsn, application_name=f"atlasd-trainer-{spec.run_id}", connect_timeout=10,
+                           autocommit=True, prepare_threshold=None)
+    try:
+        conn.execute("SET default_transaction_read_only = on")
+        conn.execute(f"SET lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+        conn.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT_MS)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _build(spec: RunSpec, dsn: str | None = None, *, with_train: bool = True) -> tuple[DatasetBuild, ReadStats]:
+    """build_dataset(), and what reading cost."""
     dsn = dsn or spec.traces.resolved_db_url()
     skipped: Counter = Counter()
     aside: Counter = Counter()  # why eval and rehearsal sessions were dropped: only 'oversized' is reported
     try:
-        with psycopg.connect(dsn, application_name=f"atlasd-trainer-{spec.run_id}", connect_timeout=10) as conn:
-            conn.read_only = True
-            eval_set = _collect(conn, _EVAL_SEL, _params(spec), "eval", "eval", aside)
-            train: list[Example] = []
-            n_rehearsal = 0
-            if with_train:
-                train = _collect(conn, _WINDOW_SEL, _params(spec), "window", "window", skipped)
-                k = rehearsal_size(len(train), spec.traces.rehearsal_fraction)
-                if k:
-                    rehearsal = _collect(conn, _REHEARSAL_SEL, _params(spec, rehearsal_n=k), "rehearsal",
-                                         "rehearsal", aside)
-                    n_rehearsal = len(rehearsal)
-                    train += rehearsal
+        with _connect(dsn, spec) as conn:
+            reader = _Reader(conn)
+            now = reader.rows("now", "SELECT now()", {})[0][0]
+            params = _params(spec, now=now)
+            sel = _select(reader, spec, params, with_train)
+            wanted = {key: (seq, "eval") for seq, key in sel.eval}
+            wanted.update((key, (seq, "rehearsal")) for seq, key in sel.rehearsal)
+            wanted.update((key, (seq, "window")) for seq, key, reason in sel.window if reason is None)
+            sessions = _read_sessions(reader, params, wanted)
     except psycopg.Error as exc:  # psycopg messages name host/db/user, never the password
         raise DatasetError(f"reading traces failed: {type(exc).__name__}: {exc}".strip()) from None
+
+    def examples(keys: Iterable[Key], reasons: Counter) -> list[Example]:
+        out = []
+        for key in keys:
+            outcome = sessions[key].outcome
+            if isinstance(outcome, str):
+                reasons[outcome] += 1
+            else:
+                out.append(outcome)
+        return out
+
+    eval_set = examples((key for _, key in sel.eval), aside)
+    train: list[Example] = []
+    for _, key, reason in sel.window:
+        if reason is None:
+            train += examples([key], skipped)
+        elif reason != "eval_split":
+            skipped[reason] += 1
+    k = rehearsal_size(len(train), spec.traces.rehearsal_fraction)
+    rehearsal = examples((key for _, key in sorted(sel.rehearsal[:k])), aside)
+    train += rehearsal
     if aside["oversized"]:
         skipped["oversized"] += aside["oversized"]
-    return DatasetBuild(train=train, eval=eval_set, skipped=skipped,
-                        n_window=len(train) - n_rehearsal, n_rehearsal=n_rehearsal)
+    build = DatasetBuild(train=train, eval=eval_set, skipped=skipped,
+                         n_window=len(train) - len(rehearsal), n_rehearsal=len(rehearsal))
+    return build, reader.stats
+
+
+def build_dataset(spec: RunSpec, dsn: str | None = None, *, with_train: bool = True) -> DatasetBuild:
+    """Window + rehearsal training examples and the frozen eval set, read from the Atlas database."""
+    return _build(spec, dsn, with_train=with_train)[0]
 
 
 def save_examples(examples: list[Example], path: Path) -> None:

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS guidance_notes (
     session_id INTEGER REFERENCES sessions(id) ON DELETE CASCADE,
     step_id INTEGER,
     sequence INTEGER,
-    note TEXT
+    note TEXT,
+    PRIMARY KEY (session_id, step_id, sequence)
 );
 CREATE TABLE IF NOT EXISTS trajectory_events (
     id SERIAL PRIMARY KEY,
