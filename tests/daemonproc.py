@@ -35,7 +35,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 class DaemonProcess:
     """``python -m atlasd run`` with JSON logs captured line by line."""
 
-    def __init__(self, db_url: str, state_dir: Path, *args: str, **env: str) -> None:
+    def __init__(self, db_url: str, state_dir: Path, *args: str, cwd: Path = ROOT, **env: str) -> None:
+        """``cwd``: where the daemon starts (``python -m`` puts it first on sys.path; a test folder
+        lets stand-in ``trainers``/``registry`` packages on PYTHONPATH win over the checkout's)."""
         (state_dir / "policies").mkdir(parents=True, exist_ok=True)  # no policies: intake only
         self.env = {
             **os.environ,
@@ -49,6 +51,7 @@ class DaemonProcess:
             **env,
         }
         self.args = args
+        self.cwd = cwd
         self.events: list[dict] = []
         self.stderr: list[str] = []
         self.raw: list[str] = []
@@ -59,7 +62,7 @@ class DaemonProcess:
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "atlasd", "run", *self.args],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

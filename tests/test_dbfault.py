@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,16 +131,7 @@ class StandInDaemon(DaemonProcess):
     PYTHONPATH are what ``python -m trainers`` and ``python -m registry`` start."""
 
     def __init__(self, db_url: str, state_dir: Path, **env: str) -> None:
-        super().__init__(db_url, state_dir, PYTHONPATH=str(standins(state_dir / "standins")), **env)
-        self.cwd = state_dir
-
-    def start(self) -> StandInDaemon:
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "atlasd", "run"], cwd=self.cwd, env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for stream, is_stdout in ((self.proc.stdout, True), (self.proc.stderr, False)):
-            threading.Thread(target=self._read, args=(stream, is_stdout), daemon=True).start()
-        return self
+        super().__init__(db_url, state_dir, cwd=state_dir, PYTHONPATH=str(standins(state_dir / "standins")), **env)
 
 
 def enqueue_run(db_url: str, policy: str) -> int:

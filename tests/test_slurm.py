@@ -267,28 +267,35 @@ async def test_cancel_sends_sigterm_first_and_the_checkpointed_run_is_cancelled(
     await assert_invariants(db_url)
 
 
-async def test_a_daemon_restart_stops_the_live_job_as_for_a_local_child_and_resumes(db_url, tmp_path, monkeypatch,
-                                                                                     slurm):
-    """The daemon dies (no stop) while its job runs on: the job lives on (its output goes to a file,
-    no broken pipe). The next start's reconcile finds it (runner-child.json / run row: the job id)
-    and stops it like an orphaned local child: SIGTERM, checkpoint, exit 75; the run is interrupted
-    and resumed from that checkpoint by one new job. No run gets a second sbatch."""
+async def daemon_dies_at_step_3(db_url, tmp_path, monkeypatch) -> tuple[int, dict, dict, Path]:
+    """A run whose job holds after step 3 (until the gate file exists), then a kill -9 of the daemon:
+    its tasks just stop; nothing is sent to the job. Returns the run id, its row, the plan, the gate."""
     write_policy(tmp_path / "policies", "math")
     gate = tmp_path / "gate"
     run_id = await enqueue(db_url)
     plan = {"*": {"steps": 8, "wait_at": 3, "wait_file": str(gate)}}
     h = slurm_harness(db_url, tmp_path, monkeypatch, plan=plan)
     await h.__aenter__()
+
     async def at_step_3():
         row = (await runs(db_url))[run_id]
         return (row["metrics"] or {}).get("step", 0) >= 3 and row["pid"] and row
     row = await until(at_step_3, 20, "the job at step 3")
-    # kill -9 of the daemon: its tasks just stop; nothing is sent to the job
     for task in asyncio.all_tasks():
         if task.get_name() in ("runner", f"run-{run_id}-stdout", f"run-{run_id}-record"):
             task.cancel()
     await asyncio.sleep(0.2)
     await h.daemon.pool.close()
+    return run_id, row, plan, gate
+
+
+async def test_a_daemon_restart_stops_the_live_job_as_for_a_local_child_and_resumes(db_url, tmp_path, monkeypatch,
+                                                                                     slurm):
+    """The daemon dies (no stop) while its job runs on: the job lives on (its output goes to a file,
+    no broken pipe). The next start's reconcile finds it (runner-child.json / run row: the job id)
+    and stops it like an orphaned local child: SIGTERM, checkpoint, exit 75; the run is interrupted
+    and resumed from that checkpoint by one new job. No run gets a second sbatch."""
+    run_id, row, plan, gate = await daemon_dies_at_step_3(db_url, tmp_path, monkeypatch)
     assert (tmp_path / "state" / "runner-child.json").exists()
     state = json.loads((slurm / "state.json").read_text())
     assert state["jobs"][str(row["pid"])]["state"] == "RUNNING"  # the job outlived its daemon
@@ -310,21 +317,7 @@ async def test_a_daemon_restart_stops_the_live_job_as_for_a_local_child_and_resu
 
 async def test_a_job_that_finished_while_the_daemon_was_down_is_concluded_from_its_result(db_url, tmp_path,
                                                                                           monkeypatch, slurm):
-    write_policy(tmp_path / "policies", "math")
-    gate = tmp_path / "gate"
-    run_id = await enqueue(db_url)
-    plan = {"*": {"steps": 8, "wait_at": 3, "wait_file": str(gate)}}
-    h = slurm_harness(db_url, tmp_path, monkeypatch, plan=plan)
-    await h.__aenter__()
-    async def at_step_3():
-        row = (await runs(db_url))[run_id]
-        return (row["metrics"] or {}).get("step", 0) >= 3 and row["pid"] and row
-    row = await until(at_step_3, 20, "the job at step 3")
-    for task in asyncio.all_tasks():  # the daemon dies
-        if task.get_name() in ("runner", f"run-{run_id}-stdout", f"run-{run_id}-record"):
-            task.cancel()
-    await asyncio.sleep(0.2)
-    await h.daemon.pool.close()
+    run_id, row, plan, gate = await daemon_dies_at_step_3(db_url, tmp_path, monkeypatch)
     gate.touch()  # the job runs to its end meanwhile
 
     async def finished():

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,16 +56,7 @@ class ChaosDaemon(DaemonProcess):
     ``registry``; from elsewhere the stand-ins first on PYTHONPATH are what the daemon starts."""
 
     def __init__(self, chaos: Chaos, **env: str) -> None:
-        super().__init__(chaos.db_url, chaos.state, **{**chaos.env(), **DAEMON_ENV, **env})
-        self.cwd = chaos.tmp
-
-    def start(self) -> ChaosDaemon:
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "atlasd", "run"], cwd=self.cwd, env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for stream, is_stdout in ((self.proc.stdout, True), (self.proc.stderr, False)):
-            threading.Thread(target=self._read, args=(stream, is_stdout), daemon=True).start()
-        return self
+        super().__init__(chaos.db_url, chaos.state, cwd=chaos.tmp, **{**chaos.env(), **DAEMON_ENV, **env})
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
