@@ -49,11 +49,13 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from psycopg.rows import dict_row
 
-from atlasd import queue
+from atlasd import intake, queue
+from atlasd.component import Component
 from atlasd.db import safe_error
 from atlasd.health import Health, backoff_s
 from atlasd.logging import get_logger
 from atlasd.policies import Gear, Policy, PolicySet
+from atlasd.promotions import REJECTIONS_SINCE_PROMOTION
 from atlasd.settings import Settings
 
 CRON_ON_TIME = timedelta(seconds=60)  # a tick evaluated this soon after its time is on time ('cron')
@@ -121,19 +123,14 @@ _RESTATE = """
 UPDATE atlasd.policy_state SET armed_at = %(armed_at)s, cron_schedule = %(cron)s, last_fire_at = %(last_fire_at)s
  WHERE policy = %(policy)s AND gear = %(gear)s"""
 
-# paused, the gear's queued batch run, and pending = usable traces above the gear's last window
-# passing its filters; batch_hi = the seq of the (floor(pending / every) * every)-th of them (NULL
-# when fewer than `every`).
-_INPUTS = """
+# paused, the gear's queued batch run, the gate's rejections since its last promotion, and
+# pending = usable traces above the gear's last window passing its filters; batch_hi = the seq of
+# the (floor(pending / every) * every)-th of them (NULL when fewer than `every`). One statement,
+# composed of the owners' subqueries (queue: runs, promotions: the audit, intake: the records).
+_INPUTS = f"""
 SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*')) AS paused,
-       (SELECT id FROM atlasd.runs
-         WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch') AS queued_run_id,
-       -- the gate's rejections of this gear's runs since its last promotion
-       (SELECT count(*) FROM atlasd.promotions p JOIN atlasd.runs r ON r.id = p.atlasd_run_id
-         WHERE r.policy = %(policy)s AND r.gear = %(gear)s AND p.action = 'reject'
-           AND p.id > COALESCE((SELECT max(q.id) FROM atlasd.promotions q JOIN atlasd.runs w ON w.id = q.atlasd_run_id
-                                 WHERE w.policy = %(policy)s AND w.gear = %(gear)s AND q.action = 'promote'), 0)
-       ) AS rejections,
+       ({queue.QUEUED_BATCH_RUN}) AS queued_run_id,
+       ({REJECTIONS_SINCE_PROMOTION}) AS rejections,
        min(approved_at) AS oldest_at,
        count(*) AS pending,
        COALESCE(max(seq), %(lo)s) AS all_hi,
@@ -141,13 +138,7 @@ SELECT EXISTS (SELECT 1 FROM atlasd.pauses WHERE policy IN (%(policy)s, '*')) AS
        -- the window's lower bound when only the newest max_traces go in (NULL: they all fit)
        max(seq) FILTER (WHERE rn <= n - %(max_traces)s) AS cap_lo_all,
        max(seq) FILTER (WHERE rn <= (n / %(every)s) * %(every)s - %(max_traces)s) AS cap_lo_batch
-  FROM (SELECT seq, approved_at, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
-          FROM atlasd.intake
-         WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
-           AND (%(key)s::text IS NULL OR learning_key = %(key)s::text)
-           AND COALESCE(reward_score, -1) >= %(min_reward)s  -- no reward never passes (as trainers/dataset.py)
-           AND (%(max_age)s::interval IS NULL
-                OR COALESCE(session_created_at, approved_at) >= %(now)s - %(max_age)s::interval)) t"""
+  FROM ({intake.PENDING}) t"""
 
 _ADVANCE = """
 UPDATE atlasd.policy_state
@@ -511,10 +502,11 @@ def status_sections(conn: psycopg.Connection, settings: Settings) -> dict[str, A
 # ---------------------------------------------------------------- the daemon component
 
 
-class CadenceComponent:
+class CadenceComponent(Component):
     """The daemon component: loads the policies, arms the cron timers, evaluates gears after
     intake, on every timer tick and every ``poll_interval_s`` (min_interval, resume), and reloads
-    on SIGHUP. ``policy_set`` is the live set (the runner reads it).
+    on SIGHUP. ``policy_set`` is the live set (the daemon hands the same one to the runner and to
+    the STATUS= line; this component reloads it).
 
     A failed evaluation (the database away) is not lost: every gear is evaluated again after an
     exponential, jittered backoff (capped at ``reconnect_max_backoff_s``) until a full evaluation
@@ -523,10 +515,11 @@ class CadenceComponent:
 
     name = "cadence"
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, settings: Settings, policies: PolicySet | None = None, *,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.settings = settings
         self.clock = clock
-        self.policy_set = PolicySet(settings.policies_dir)
+        self.policy_set = policies if policies is not None else PolicySet(settings.policies_dir)
         self.log = get_logger("cadence")
         self.pool = None
         self.scheduler: AsyncIOScheduler | None = None
@@ -669,7 +662,3 @@ class CadenceComponent:
                              tick=plan.skipped_fire_at.isoformat(), reason=plan.skipped_reason)
         return plan
 
-
-def create_component(settings: Settings) -> CadenceComponent:
-    """Entry for ``atlasd.daemon.COMPONENT_MODULES``."""
-    return CadenceComponent(settings)

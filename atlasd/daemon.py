@@ -16,43 +16,45 @@ the heartbeat records the faults in ``atlasd.daemon_state.degraded`` and WATCHDO
 out from the heartbeat as long as every degraded part is still retrying (each attempt is
 bounded); a part that stopped trying, or a stalled event loop, stops the pings.
 
-A component plugs in by implementing :class:`Component` and either being appended to
-``Daemon.components`` before ``run()`` or being named in ``COMPONENT_MODULES`` (a module that
-exposes ``create_component(settings) -> Component``; ``build_daemon`` loads them in order).
-Components query the database through ``daemon.pool`` (``async with daemon.pool.connection()
-as conn``: committed at exit; a PoolTimeout, a psycopg.OperationalError, after POOL_TIMEOUT_S
-without a working connection). They must not block the event loop.
+The components (:class:`atlasd.component.Component`: cadence, runner, registrations, metrics,
+gc) are built and wired by :func:`build_daemon`: one live :class:`~atlasd.policies.PolicySet`
+shared by the cadence (which reloads it on SIGHUP), the runner and the STATUS= line. Components
+query the database through ``daemon.pool`` (``async with daemon.pool.connection() as conn``:
+committed at exit; a PoolTimeout, a psycopg.OperationalError, after POOL_TIMEOUT_S without a
+working connection). They must not block the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import signal
 import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from atlasd import __version__, intake
+from atlasd.cadence import CadenceComponent
+from atlasd.component import Component
 from atlasd.db import DatabaseError, connect, connect_kwargs, safe_error
 from atlasd.db.migrate import check_schema
 from atlasd.health import Fault, Health, backoff_s, summary
 from atlasd.listener import Listener
 from atlasd.lock import HEARTBEAT_S, HEARTBEAT_TIMEOUT_S, DaemonLock, LockHeldError, LockLostError
+from atlasd.executor import executor_for
 from atlasd.logging import configure_logging, get_logger
+from atlasd.metrics import MetricsComponent
+from atlasd.policies import PolicySet
+from atlasd.promotions import RegistrationRetrier
+from atlasd.retention import GcComponent
+from atlasd.runner import RunnerComponent
 from atlasd.sdnotify import Notifier, watchdog_interval_s
 from atlasd.settings import Settings
 from atlasd.status import status_line
-
-# modules exposing ``create_component(settings) -> Component``, started in this order
-COMPONENT_MODULES: list[str] = ["atlasd.cadence", "atlasd.runner", "atlasd.promotions", "atlasd.metrics",
-                                 "atlasd.retention"]
 
 POOL_MAX_SIZE = 4
 POOL_TIMEOUT_S = 10.0  # pool.connection() gives up (PoolTimeout) after this long without a working connection
@@ -64,30 +66,11 @@ STATUS_S = HEARTBEAT_S  # systemd's STATUS= line is refreshed this often (only u
 HEAVY_MODULES = ("torch", "transformers", "trl", "mlflow")  # must never be loaded in the daemon
 
 
-class Component(Protocol):
-    """Optionally also ``health: atlasd.health.Health``: its faults join the daemon's (STATUS=,
-    ``atlasd status``, the watchdog's stuck check). ``daemon.lock_held`` is clear while the lock
-    is being re-taken: start no new work then (claims, registrations). ``daemon.superseded`` is set
-    when the daemon stops because another one holds the lock: leave what is unfinished to it."""
-
-    name: str
-
-    async def start(self, daemon: Daemon) -> None:
-        """After the lock, the schema check and the first full reconcile."""
-
-    async def on_intake(self, recorded: int) -> None:
-        """After a reconcile that recorded >= 1 new usable session."""
-
-    async def reload(self) -> None:
-        """SIGHUP."""
-
-    async def stop(self) -> None:
-        """On shutdown, in reverse start order."""
-
-
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, policies: PolicySet | None = None) -> None:
+        """``policies``: the live set the STATUS= line reports (none: no policies shown)."""
         self.settings = settings
+        self.policies = policies
         self.log = get_logger("daemon")
         self.pool: AsyncConnectionPool | None = None  # open while run() is running
         self.components: list[Component] = []
@@ -262,10 +245,9 @@ class Daemon:
         """Keep systemd's STATUS= line current: ``degraded: ...`` first when some part is (from
         memory, so it is shown with the database away), then the running run and step, queued
         runs, pending traces per policy/gear, the champions (:func:`atlasd.status.status_line`)."""
-        cadence = next((c for c in self.components if c.name == "cadence"), None)
         loop = asyncio.get_running_loop()
         while True:
-            policies = list(cadence.policy_set.policies.values()) if cadence is not None else []
+            policies = list(self.policies.policies.values()) if self.policies is not None else []
             parts = [summary(faults)] if (faults := self.faults()) else []
             try:
                 parts.append(await loop.run_in_executor(self._status_worker, self._status_text, policies))
@@ -434,8 +416,16 @@ class Daemon:
 
 
 def build_daemon(settings: Settings) -> Daemon:
-    """A daemon with the components named in COMPONENT_MODULES."""
-    daemon = Daemon(settings)
-    for name in COMPONENT_MODULES:
-        daemon.components.append(importlib.import_module(name).create_component(settings))
+    """The daemon and its components, started in this order: cadence, runner, registrations,
+    metrics, gc. One live policy set (loaded and reloaded by the cadence) for all of them."""
+    policies = PolicySet(settings.policies_dir)
+    registrar = RegistrationRetrier(settings)
+    daemon = Daemon(settings, policies)
+    daemon.components = [
+        CadenceComponent(settings, policies),
+        RunnerComponent(settings, executor_for(settings), policies=policies, registrar=registrar),
+        registrar,
+        MetricsComponent(settings),
+        GcComponent(settings),
+    ]
     return daemon

@@ -1,7 +1,7 @@
 """The intake reconciler: copies ready sessions into ``atlasd.intake``, each exactly once.
 
-A session is *ready* when ``review_status = 'approved' AND status = 'succeeded'`` (whichever
-became true last). The tables are the truth and NOTIFY only a hint, so there are two paths:
+A session is *ready* when a reviewer approved it and its run succeeded (whichever became true
+last): the SQL function ``atlasd.session_ready`` (migration 0008) is the rule's one definition. The tables are the truth and NOTIFY only a hint, so there are two paths:
 
 * targeted: the listener's payload named some ids; look up only those, by primary key;
 * full (at start, after each listener reconnect, on a ``'*'`` payload): every ready session not
@@ -33,11 +33,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-READY = "s.review_status = 'approved' AND s.status = 'succeeded'"
+from atlasd.db import iso
+
+# The readiness rule over a `sessions s` row: the SQL function of migration 0008 (its one definition).
+READY = "atlasd.session_ready(s.review_status, s.status)"
 
 # Why a ready session cannot be trained on; NULL when it is usable. No session may fail the
 # insert (that would fail its whole batch, every time): CASE evaluates in order, so the numeric
@@ -269,3 +273,91 @@ class Wakeup:
         self._full, self._ids = False, set()
         self._event.clear()
         return None if full else ids
+
+
+# ---------------------------------------------------------------- reads for other modules
+# This module owns ``atlasd.intake``: every statement against it is here. Others compose these
+# named subqueries into their own statement, or call the functions below.
+
+# The cadence's pending traces of a gear: usable rows above its last window (%(lo)s) passing its
+# filters (%(key)s, %(min_reward)s, %(max_age)s at %(now)s), each with its rank in seq order (rn) and
+# their count (n). No reward never passes (as the trainer's filter).
+PENDING = """SELECT seq, approved_at, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
+          FROM atlasd.intake
+         WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
+           AND (%(key)s::text IS NULL OR learning_key = %(key)s::text)
+           AND COALESCE(reward_score, -1) >= %(min_reward)s
+           AND (%(max_age)s::interval IS NULL
+                OR COALESCE(session_created_at, approved_at) >= %(now)s - %(max_age)s::interval)"""
+
+# The trainer's page: rows with seq in (%(after)s, %(upto)s], at most %(page)s of them, in seq order
+# (bounded by the page, not by how many rows match).
+PAGE = """SELECT seq, session_id, session_created_at, malformed, revoked_at FROM atlasd.intake
+         WHERE seq > %(after)s AND seq <= %(upto)s ORDER BY seq LIMIT %(page)s"""
+
+BACKLOG_IDS = 100_000  # `backlog` counts ready, unrecorded sessions among the newest this many ids
+
+
+def status_section(conn: psycopg.Connection) -> dict[str, Any]:
+    """`atlasd status`'s intake section: counts per learning key and malformed reason, revoked,
+    the backlog of ready sessions not yet recorded, the last record. Ends its read transaction
+    (the SDK locks `sessions` on connect)."""
+    groups = conn.execute(  # one pass over the intake (every metrics refresh runs this)
+        """SELECT learning_key, malformed, revoked_at IS NOT NULL, count(*), max(seq), max(approved_at)
+             FROM atlasd.intake GROUP BY 1, 2, 3"""
+    ).fetchall()
+    total = sum(g[3] for g in groups)
+    malformed = sum(g[3] for g in groups if g[1] is not None)
+    revoked = sum(g[3] for g in groups if g[2])
+    last_seq = max((g[4] for g in groups), default=None)
+    last_at = max((g[5] for g in groups), default=None)
+    by_key, reasons = {}, {}
+    for key, bad, _, n, _, _ in groups:
+        if bad is None:
+            by_key[key] = by_key.get(key, 0) + n
+        else:
+            reasons[bad] = reasons.get(bad, 0) + n
+    backlog = conn.execute(  # among the newest BACKLOG_IDS sessions: a bounded primary-key range scan
+        f"""SELECT count(*) FROM public.sessions s
+            WHERE s.id > (SELECT COALESCE(max(id), 0) FROM public.sessions) - %s AND {READY}
+              AND NOT EXISTS (SELECT 1 FROM atlasd.intake i
+                               WHERE i.session_id = s.id AND i.session_created_at = s.created_at)""", [BACKLOG_IDS]
+    ).fetchone()[0]
+    conn.rollback()
+    return {
+        "total": total,
+        "usable": total - malformed,
+        "by_learning_key": dict(sorted(by_key.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))),
+        "malformed": malformed,
+        "malformed_reasons": dict(sorted(reasons.items())),
+        "revoked": revoked,
+        "backlog": backlog,
+        "last_seq": last_seq,
+        "last_recorded_at": iso(last_at),
+    }
+
+
+def revoked_session_ids(conn: psycopg.Connection) -> set[int]:
+    """Ids of the recorded sessions that stopped being ready (their text is purged)."""
+    return {row[0] for row in conn.execute(
+        "SELECT DISTINCT session_id FROM atlasd.intake WHERE revoked_at IS NOT NULL").fetchall()}
+
+
+def recorded_counts(conn: psycopg.Connection) -> tuple[int, int, dict[str, int]]:
+    """(rows, malformed rows, malformed reason -> count) over the whole intake."""
+    rows = conn.execute("SELECT malformed, count(*) FROM atlasd.intake GROUP BY 1").fetchall()
+    reasons = {reason: n for reason, n in rows if reason is not None}
+    return sum(n for _, n in rows), sum(reasons.values()), dict(sorted(reasons.items()))
+
+
+def is_recorded(conn: psycopg.Connection, session_id: int) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM atlasd.intake WHERE session_id = %s)",
+                        [session_id]).fetchone()[0]
+
+
+def unrecorded_ready(conn: psycopg.Connection) -> int:
+    """Ready sessions with no intake row of their identity (the whole history: checks, not polls)."""
+    return conn.execute(
+        f"""SELECT count(*) FROM public.sessions s WHERE {READY}
+              AND NOT EXISTS (SELECT 1 FROM atlasd.intake i
+                               WHERE i.session_id = s.id AND i.session_created_at = s.created_at)""").fetchone()[0]

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from atlasd import __version__
-from atlasd.db import DatabaseError, aconnect, safe_error
+from atlasd.db import DatabaseError, aconnect, iso, safe_error
 from atlasd.listener import TRIGGER_STATES
 from atlasd.settings import Settings
 
@@ -200,3 +201,58 @@ class DaemonLock:
             return await cur.fetchone() if fetch else None
         except psycopg.Error as exc:
             raise LockLostError(f"lost the database lock connection: {safe_error(exc)}") from None
+
+
+# ---------------------------------------------------------------- status (synchronous: `atlasd status`)
+def live_daemon(conn: psycopg.Connection) -> tuple[int, str] | None:
+    """(pid, host) of the daemon whose heartbeat is fresh and that has not stopped; None otherwise."""
+    row = conn.execute(
+        """SELECT pid, host, extract(epoch FROM now() - heartbeat_at), stopped_at IS NOT NULL
+             FROM atlasd.daemon_state"""
+    ).fetchone()
+    if row is None or row[3] or float(row[2]) > HEARTBEAT_STALE_S:
+        return None
+    return row[0], row[1]
+
+
+def daemon_section(conn: psycopg.Connection) -> dict[str, Any]:
+    lock_held = conn.execute(
+        """SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+                           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                             AND d.datname = current_database()
+                             AND l.classid::bigint = %s AND l.objid::bigint = %s)""",
+        [DAEMON_LOCK_KEY >> 32, DAEMON_LOCK_KEY & 0xFFFFFFFF],
+    ).fetchone()[0]
+    row = conn.execute(
+        """SELECT pid, host, version, started_at, heartbeat_at, extract(epoch FROM now() - heartbeat_at),
+                  listener_connected, last_reconcile_at, extract(epoch FROM now() - last_reconcile_at),
+                  stopped_at, degraded
+             FROM atlasd.daemon_state"""
+    ).fetchone()
+    conn.rollback()
+    if row is None:
+        return {"running": lock_held, "listener_connected": False, "last_reconcile_age_s": None, "degraded": []}
+    (pid, host, version, started_at, heartbeat_at, age, listener_connected, last_reconcile_at, reconcile_age,
+     stopped_at, degraded) = row
+    alive = lock_held and stopped_at is None and float(age) <= HEARTBEAT_STALE_S
+    # as of the last heartbeat (heartbeat_age_s ago); a daemon that stopped cleanly left none
+    degraded = [] if stopped_at is not None else [
+        {**d, "for_s": round(d["down_s"] + float(age), 1),
+         "since": iso(heartbeat_at - timedelta(seconds=d["down_s"]))}
+        for d in degraded
+    ]
+    return {
+        "running": alive,
+        "lock_held": lock_held,
+        "pid": pid,
+        "host": host,
+        "version": version,
+        "started_at": iso(started_at),
+        "heartbeat_at": iso(heartbeat_at),
+        "heartbeat_age_s": round(float(age), 1),
+        "last_reconcile_at": iso(last_reconcile_at),
+        "last_reconcile_age_s": None if reconcile_age is None else round(float(reconcile_age), 1),
+        "degraded": degraded,
+        "stopped_at": iso(stopped_at),
+        "listener_connected": bool(alive and listener_connected),
+    }

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from atlasd.component import Component
 from atlasd.db import DatabaseError, connect_kwargs, safe_error
 from atlasd.logging import get_logger
 from atlasd.queue import STATES
@@ -238,7 +239,7 @@ def serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
     return server
 
 
-class MetricsComponent:
+class MetricsComponent(Component):
     """Daemon component: the HTTP endpoint. A port already in use is logged, not fatal (training
     matters more than metrics)."""
 
@@ -269,12 +270,6 @@ class MetricsComponent:
         shown = f"[{host}]" if ":" in host else host
         self.log.info("metrics endpoint", url=f"http://{shown}:{self.port}/metrics", host=host, port=self.port)
 
-    async def on_intake(self, recorded: int) -> None:
-        return None
-
-    async def reload(self) -> None:
-        return None
-
     async def stop(self) -> None:
         if self.server is not None:
             await asyncio.to_thread(self.server.shutdown)
@@ -285,7 +280,3 @@ class MetricsComponent:
             await asyncio.to_thread(self._refresher.join, SCRAPE_CONNECT_TIMEOUT_S + 15)
             self._refresher = None
 
-
-def create_component(settings: Settings) -> MetricsComponent:
-    """Entry for ``atlasd.daemon.COMPONENT_MODULES``."""
-    return MetricsComponent(settings)

@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from atlasd import queue
+from atlasd.component import Component
 from atlasd.db import aconnect
 from atlasd.logging import get_logger
 from atlasd.runspec import EXIT_BAD_INPUT, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE, MlflowTarget
@@ -75,6 +77,13 @@ FAIL_FAST_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "PGCONNECT_TIMEOUT": "10",
 }
+
+
+# The gate's rejections of %(policy)s/%(gear)s's runs since its last promotion (the cadence's back-off).
+REJECTIONS_SINCE_PROMOTION = """SELECT count(*) FROM atlasd.promotions p JOIN atlasd.runs r ON r.id = p.atlasd_run_id
+         WHERE r.policy = %(policy)s AND r.gear = %(gear)s AND p.action = 'reject'
+           AND p.id > COALESCE((SELECT max(q.id) FROM atlasd.promotions q JOIN atlasd.runs w ON w.id = q.atlasd_run_id
+                                 WHERE w.policy = %(policy)s AND w.gear = %(gear)s AND q.action = 'promote'), 0)"""
 
 
 class RegistrationRefused(ValueError):
@@ -317,14 +326,13 @@ async def requeue_registration(conn: psycopg.AsyncConnection, run_id: int) -> st
                 """UPDATE atlasd.registrations SET state = 'pending', attempts = 0, next_attempt_at = now(),
                           updated_at = now() WHERE run_id = %s""", [run_id])
             return "re-queued"
-        cur = await conn.execute("SELECT state, output_dir FROM atlasd.runs WHERE id = %s", [run_id])
-        run = await cur.fetchone()
+        run = await queue.get_run(conn, run_id)
         if run is None:
             raise RegistrationRefused(f"no run {run_id}")
-        if run[0] not in ("succeeded", "failed"):
-            raise RegistrationRefused(f"run {run_id} is {run[0]}: only a finished run (succeeded, or failed with "
+        if run.state not in ("succeeded", "failed"):
+            raise RegistrationRefused(f"run {run_id} is {run.state}: only a finished run (succeeded, or failed with "
                                       "a result) is registered")
-        files = run_files(run[1], run_id) if run[1] else None
+        files = run_files(run.output_dir, run_id) if run.output_dir else None
         if files is None or not files[1].is_file():
             raise RegistrationRefused(f"run {run_id} left no result.json: nothing to register")
         await queue_registration(conn, run_id, *files)
@@ -437,8 +445,7 @@ async def _registered(settings: Settings, conn: psycopg.AsyncConnection, run_id:
                       model_version = %s, decision = %s, updated_at = now() WHERE run_id = %s""",
             [attempts, payload["mlflow_run_id"], version, decision, run_id],
         )
-        await conn.execute("UPDATE atlasd.runs SET model_version = %s, registered_at = now() WHERE id = %s",
-                           [version, run_id])
+        await queue.record_model_version(conn, run_id, version)
     log.info("registered", mlflow_run_id=payload["mlflow_run_id"], model_version=version, decision=decision,
              reason=payload["reason"], champion=payload["champion"])
     return {"state": "done", **payload, "promotion_id": promotion_id}
@@ -487,7 +494,7 @@ async def retry_pending(settings: Settings, gpu_slot: asyncio.Lock | None = None
     return [await finalize_run(settings, *row, gpu_slot=gpu_slot) for row in rows]
 
 
-class RegistrationRetrier:
+class RegistrationRetrier(Component):
     """Daemon component: registers finished runs, at once when the runner hands one over
     (:meth:`kick`) and every ``poll_interval_s`` (due retries, `atlasd register`), not while the
     daemon re-takes its lock. Stopping kills a registry child in flight; its row stays pending
@@ -519,20 +526,11 @@ class RegistrationRetrier:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kicked.wait(), self.settings.poll_interval_s)
 
-    async def on_intake(self, recorded: int) -> None:
-        return None
-
-    async def reload(self) -> None:
-        return None
-
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-
-def create_component(settings: Settings) -> RegistrationRetrier:
-    return RegistrationRetrier(settings)
 
 
 # ---------------------------------------------------------------- purge
@@ -560,3 +558,54 @@ def champions(conn: psycopg.Connection) -> dict[str, dict]:
     ).fetchall()
     return {p: {"registered_model": m, "version": v, "action": a, "since": t.isoformat(), "actor": who}
             for p, m, v, a, t, who in rows}
+
+
+def audit_counts(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
+    """Audit rows per policy and action (promote, reject, force, rollback)."""
+    rows = conn.execute(
+        "SELECT policy, action, count(*) FROM atlasd.promotions GROUP BY policy, action ORDER BY policy, action"
+    ).fetchall()
+    conn.rollback()
+    out: dict[str, dict[str, int]] = {}
+    for policy, action, n in rows:
+        out.setdefault(policy, {})[action] = n
+    return out
+
+
+def registrations_section(conn: psycopg.Connection) -> dict[str, Any]:
+    """Registrations still to do (pending: retried with backoff) and given up (failed: `atlasd register`)."""
+    counts = dict(conn.execute("SELECT state, count(*) FROM atlasd.registrations GROUP BY state").fetchall())
+    oldest = conn.execute(
+        """SELECT extract(epoch FROM now() - min(created_at))::float8 FROM atlasd.registrations
+            WHERE state = 'pending'"""
+    ).fetchone()[0]
+    failed = conn.execute(
+        "SELECT run_id, attempts, last_error FROM atlasd.registrations WHERE state = 'failed' ORDER BY run_id"
+    ).fetchall()
+    conn.rollback()
+    return {"pending": counts.get("pending", 0), "failed": counts.get("failed", 0), "done": counts.get("done", 0),
+            "oldest_pending_age_s": oldest,
+            "failed_runs": [{"run_id": r, "attempts": a, "last_error": e} for r, a, e in failed]}
+
+
+def champion_moves(conn: psycopg.Connection) -> list[tuple[str, str, str | None]]:
+    """(registered model, champion version, previous champion version) per policy: its last champion move."""
+    return conn.execute(
+        """SELECT DISTINCT ON (policy) registered_model, to_version, from_version
+             FROM atlasd.promotions WHERE action IN ('promote', 'force', 'rollback')
+            ORDER BY policy, id DESC""").fetchall()
+
+
+def gate_decision(conn: psycopg.Connection, run_id: int) -> dict[str, Any] | None:
+    """The gate's audit row for the run (promote or reject), or None."""
+    row = conn.execute(
+        """SELECT action, from_version, to_version, reason, checks FROM atlasd.promotions
+            WHERE atlasd_run_id = %s AND action IN ('promote', 'reject')""", [run_id]).fetchone()
+    return dict(zip(("action", "from_version", "to_version", "reason", "checks"), row, strict=True)) if row else None
+
+
+def audit_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Every audit row, oldest first: id, action, versions, reason, run."""
+    keys = ("id", "action", "from_version", "to_version", "reason", "run_id")
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(
+        "SELECT id, action, from_version, to_version, reason, atlasd_run_id FROM atlasd.promotions ORDER BY id")]

@@ -20,17 +20,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
+from atlasd.db import iso
+from atlasd.runspec import TriggerSource
+from atlasd.slurm import executor_info
+
+# A run's state (``atlasd.runs.state``; the table's CHECK lists the same, tests/test_structure.py
+# keeps them equal).
 State = Literal["queued", "running", "succeeded", "failed", "interrupted", "cancelled"]
-TriggerSource = Literal["batch", "cron", "catch-up", "manual", "retry", "resume"]
 FollowUp = Literal["retry", "resume", "none"]
-STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "interrupted", "cancelled")
+STATES: tuple[str, ...] = get_args(State)
 FINAL_STATES = frozenset({"succeeded", "failed", "interrupted", "cancelled"})
 
 
@@ -209,6 +214,10 @@ SELECT {_COLUMNS} FROM atlasd.runs
  LIMIT %(limit)s"""
 
 _COUNTS = "SELECT state, count(*) FROM atlasd.runs GROUP BY state"
+
+# The id of %(policy)s/%(gear)s's queued batch-triggered run (at most one), for the cadence's inputs.
+QUEUED_BATCH_RUN = """SELECT id FROM atlasd.runs
+         WHERE policy = %(policy)s AND gear = %(gear)s AND state = 'queued' AND trigger = 'batch'"""
 
 
 async def _one(conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any]) -> Run | None:
@@ -427,6 +436,12 @@ async def record_reconcile(conn: psycopg.AsyncConnection, repaired: int) -> None
     await conn.execute(_RECONCILED, {"repaired": repaired})
 
 
+async def record_model_version(conn: psycopg.AsyncConnection, run_id: int, version: str | None) -> None:
+    """The run's registration is done: its model version (None: a failed run, logged without one)."""
+    await conn.execute("UPDATE atlasd.runs SET model_version = %s, registered_at = now() WHERE id = %s",
+                       [version, run_id])
+
+
 async def get_run(conn: psycopg.AsyncConnection, run_id: int) -> Run | None:
     return await _one(conn, _GET, {"id": run_id})
 
@@ -489,3 +504,95 @@ async def _why_not(conn: psycopg.AsyncConnection, run_id: int, action: str, from
     if run is None:
         return f"no run {run_id}"
     return f"cannot {action} run {run_id}: it is {run.state} (needs {' or '.join(from_states)})"
+
+
+# ---------------------------------------------------------------- status (synchronous: `atlasd status`)
+def training_section(conn: psycopg.Connection) -> dict[str, Any]:
+    """The running run (its step and loss from the runner's last heartbeat) and, per policy and
+    gear, when a run last succeeded."""
+    row = conn.execute(
+        """SELECT id, policy, gear, started_at, heartbeat_at, metrics, progress_at,
+                  extract(epoch FROM now() - progress_at)::float8, pid, output_dir
+             FROM atlasd.runs WHERE state = 'running'"""
+    ).fetchone()
+    deferred = conn.execute(
+        """SELECT id, policy, gear, not_before, deferrals, error FROM atlasd.runs
+            WHERE state = 'queued' AND not_before > now() ORDER BY not_before, id"""
+    ).fetchall()
+    last = conn.execute(
+        """SELECT policy, gear, max(finished_at) FROM atlasd.runs WHERE state = 'succeeded'
+            GROUP BY policy, gear ORDER BY policy, gear"""
+    ).fetchall()
+    conn.rollback()
+    running = None
+    if row is not None:
+        run_id, policy, gear, started_at, heartbeat_at, metrics, progress_at, progress_age, pid, output_dir = row
+        metrics = metrics or {}
+        running = {
+            "run_id": run_id,
+            "policy": policy,
+            "gear": gear,
+            "started_at": iso(started_at),
+            "heartbeat_at": iso(heartbeat_at),
+            "step": metrics.get("step"),
+            "total_steps": metrics.get("total_steps"),
+            "loss": metrics.get("loss"),
+            "progress_at": iso(progress_at),
+            "progress_age_s": progress_age,  # no progress for ATLASD_STALE_PROGRESS_S: stopped as hung
+            **executor_info(run_id, output_dir, pid),  # executor: local (pid) or slurm (job_id)
+        }
+    last_success: dict[str, dict[str, str]] = {}
+    for policy, gear, finished_at in last:
+        last_success.setdefault(policy, {})[gear] = iso(finished_at)
+    return {"running": running, "last_success_at": last_success,
+            "deferred": [{"run_id": i, "policy": p, "gear": g, "not_before": iso(nb), "deferrals": n, "error": e}
+                         for i, p, g, nb, n, e in deferred]}
+
+
+def runner_section(conn: psycopg.Connection) -> dict[str, Any]:
+    """The runner's reconcile (runs left without an outcome, registration or follow-up) and how many
+    failed/interrupted runs still wait for their follow-up decision."""
+    row = conn.execute(
+        """SELECT reconciled_at, extract(epoch FROM now() - reconciled_at)::float8, repaired, last_repaired_at
+             FROM atlasd.runner_state"""
+    ).fetchone()
+    undecided = conn.execute(
+        "SELECT count(*) FROM atlasd.runs WHERE state IN ('failed', 'interrupted') AND follow_up IS NULL"
+    ).fetchone()[0]
+    conn.rollback()
+    reconciled_at, age, repaired, last_repaired_at = row or (None, None, 0, None)
+    return {"reconciled_at": iso(reconciled_at), "reconcile_age_s": age, "repaired": repaired,
+            "last_repaired_at": iso(last_repaired_at), "undecided_follow_ups": undecided}
+
+
+def runs_for_retention(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Every run with what retention decides from: state, follow-up, folder, parent, finish time,
+    model version, the spec's registered model and its registration's state."""
+    return conn.cursor(row_factory=dict_row).execute(
+        """SELECT r.id, r.policy, r.state, r.follow_up, r.output_dir, r.parent_run_id, r.finished_at, r.model_version,
+                  r.spec -> 'mlflow' ->> 'registered_model' AS registered_model, g.state AS registration
+             FROM atlasd.runs r LEFT JOIN atlasd.registrations g ON g.run_id = r.id""").fetchall()
+
+
+_REPORT_KEYS = ("id", "gear", "trigger", "state", "n_traces", "window_lo", "window_hi", "started_at", "finished_at",
+                "metrics", "result", "spec", "champion_version", "error", "pgid", "output_dir", "registration",
+                "model_version", "decision", "registration_error")
+
+
+def run_report(conn: psycopg.Connection, run_id: int) -> dict[str, Any] | None:
+    """A run with its registration's state, model version, decision and last error (the demo's report)."""
+    row = conn.execute(
+        """SELECT r.id, r.gear, r.trigger, r.state, r.n_traces, r.window_lo, r.window_hi, r.started_at,
+                  r.finished_at, r.metrics, r.result, r.spec, r.champion_version, r.error, r.pgid, r.output_dir,
+                  g.state, g.model_version, g.decision, g.last_error
+             FROM atlasd.runs r LEFT JOIN atlasd.registrations g ON g.run_id = r.id WHERE r.id = %s""", [run_id]
+    ).fetchone()
+    return dict(zip(_REPORT_KEYS, row, strict=True)) if row else None
+
+
+def first_run_after(conn: psycopg.Connection, after_id: int, gear: str) -> Run | None:
+    """The first run of ``gear`` with an id above ``after_id``."""
+    row = conn.cursor(row_factory=dict_row).execute(
+        f"SELECT {_COLUMNS} FROM atlasd.runs WHERE id > %s AND gear = %s ORDER BY id LIMIT 1", [after_id, gear]
+    ).fetchone()
+    return Run(**row) if row else None

@@ -44,11 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
+from atlasd import queue
+from atlasd.component import Component
 from atlasd.db import connect, safe_error
+from atlasd.intake import revoked_session_ids
 from atlasd.logging import get_logger
-from atlasd.promotions import RegistryCallError, purge_mlflow
+from atlasd.promotions import RegistryCallError, champion_moves, purge_mlflow
 from atlasd.settings import Settings
 
 PARTIAL_DOWNLOAD_MAX_AGE_S = 86400.0
@@ -124,18 +126,6 @@ def disk_usage(settings: Settings) -> dict[str, int]:
     return usage
 
 
-_RUNS = """
-SELECT r.id, r.policy, r.state, r.follow_up, r.output_dir, r.parent_run_id, r.finished_at, r.model_version,
-       r.spec -> 'mlflow' ->> 'registered_model' AS registered_model, g.state AS registration
-  FROM atlasd.runs r LEFT JOIN atlasd.registrations g ON g.run_id = r.id"""
-
-# champion and previous champion per registered model: the last champion move of each policy
-_CHAMPIONS = """
-SELECT DISTINCT ON (policy) registered_model, to_version, from_version
-  FROM atlasd.promotions WHERE action IN ('promote', 'force', 'rollback')
- ORDER BY policy, id DESC"""
-
-
 def _kept_versions(rows: list[dict], champions: list[tuple], keep_versions: int) -> dict[tuple[str, str], str]:
     """(registered model, version) -> why it is kept."""
     kept: dict[tuple[str, str], str] = {}
@@ -173,9 +163,8 @@ class _Folders:
 
 
 def _classify(conn: psycopg.Connection, settings: Settings, now: datetime) -> _Folders:
-    cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(_RUNS).fetchall()
-    champions = conn.execute(_CHAMPIONS).fetchall()
+    rows = queue.runs_for_retention(conn)
+    champions = champion_moves(conn)
     kept_versions = _kept_versions(rows, champions, settings.keep_versions)
     root = (settings.state_dir / "runs").resolve()
     by_id = {r["id"]: r for r in rows}
@@ -251,19 +240,12 @@ def _plan_cache(report: GcReport, settings: Settings, kept_versions: dict[tuple[
 
 
 PURGE_GLOBS = ("data/*.jsonl", "eval/*.jsonl")  # the files of a run folder that hold session text
-_REVOKED = "SELECT DISTINCT session_id FROM atlasd.intake WHERE revoked_at IS NOT NULL"
-
-
-def revoked_ids(conn: psycopg.Connection) -> set[int]:
-    return {row[0] for row in conn.execute(_REVOKED).fetchall()}
-
-
 def purge_revoked(conn: psycopg.Connection, settings: Settings, now: datetime, *,
                   dry_run: bool) -> tuple[list[Purged], dict[str, int]]:
     """Remove revoked sessions' lines from the run folders that are not live (by session id: a
     reused id is purged with the revoked one). Returns what was (or would be) purged and, per live
     folder, the lines left for a later purge. (MLflow's copies: ``promotions.purge_mlflow``.)"""
-    ids = revoked_ids(conn)
+    ids = revoked_session_ids(conn)
     purged: list[Purged] = []
     waiting: dict[str, int] = {}
     if not ids:
@@ -335,7 +317,7 @@ def last_gc(settings: Settings) -> dict[str, Any] | None:
             "usage_bytes": data.get("usage_bytes", {})}
 
 
-class GcComponent:
+class GcComponent(Component):
     """Daemon component: applies the retention policy ``GC_FIRST_DELAY_S`` after start, then every
     ``gc_interval_s`` (0: never; `atlasd gc` still works), only while this daemon holds its lock,
     in a thread on its own short connection (``atlasd-gc``). A failed round is logged and retried
@@ -380,20 +362,10 @@ class GcComponent:
 
     def once(self) -> tuple[GcReport, set[int]]:
         with connect(self.settings.dsn, autocommit=True, application_name="atlasd-gc") as conn:
-            return run_gc(conn, self.settings, datetime.now(UTC), dry_run=False), revoked_ids(conn)
-
-    async def on_intake(self, recorded: int) -> None:
-        return None
-
-    async def reload(self) -> None:
-        return None
+            return run_gc(conn, self.settings, datetime.now(UTC), dry_run=False), revoked_session_ids(conn)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-
-def create_component(settings: Settings) -> GcComponent:
-    """Entry for ``atlasd.daemon.COMPONENT_MODULES``."""
-    return GcComponent(settings)

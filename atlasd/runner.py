@@ -59,8 +59,9 @@ from typing import Any, TypeVar
 import psycopg
 
 from atlasd import promotions, queue
+from atlasd.component import Component
 from atlasd.db import safe_error
-from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle, executor_for
+from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle
 from atlasd.health import Health
 from atlasd.logging import get_logger
 from atlasd.policies import Policy, PolicySet
@@ -123,33 +124,32 @@ class _Fault:
         self.detail = detail
 
 
-class RunnerComponent:
+class RunnerComponent(Component):
     name = "runner"
 
-    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+    def __init__(self, settings: Settings, executor: Executor | None = None, *, policies: PolicySet | None = None,
+                 registrar: promotions.RegistrationRetrier | None = None) -> None:
+        """``policies``: the daemon's live set (the cadence reloads it on SIGHUP); without one, the
+        runner loads the policy folder once at start. ``registrar``: kicked when a run finished."""
         self.settings = settings
         self.executor: Executor = executor or LocalExecutor()
         self.log = get_logger("runner")
         self.host = socket.gethostname()
         self.daemon = None
-        self.policies: PolicySet | None = None
+        self.policies = policies
         self.current: RunHandle | None = None
         self.child_file = settings.state_dir / "runner-child.json"
         self.health = Health("runner")
-        self._registrar: promotions.RegistrationRetrier | None = None
+        self._registrar = registrar
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ component interface
     async def start(self, daemon) -> None:
         self.daemon = daemon
-        cadence = next((c for c in daemon.components if c.name == "cadence"), None)
-        if cadence is not None:
-            self.policies = cadence.policy_set  # the live set, reloaded on SIGHUP by the cadence
-        else:
+        if self.policies is None:
             self.policies = PolicySet(self.settings.policies_dir)
             self.policies.reload()
-        self._registrar = next((c for c in daemon.components if c.name == "registrations"), None)
         await self.reconcile(at_start=True)
         self._task = asyncio.create_task(self._loop(), name="runner")
 
@@ -658,8 +658,3 @@ class RunnerComponent:
     def _kick_registration(self) -> None:
         if self._registrar is not None:
             self._registrar.kick()
-
-
-def create_component(settings: Settings) -> RunnerComponent:
-    """Entry for ``atlasd.daemon.COMPONENT_MODULES``."""
-    return RunnerComponent(settings, executor_for(settings))

@@ -182,12 +182,18 @@ class MlflowTarget(_Strict):
         return env if env and without_password(env) == without_password(self.tracking_uri) else self.tracking_uri
 
 
+# What queued a run (``atlasd.runs.trigger``; the table's CHECK lists the same, tests/test_structure.py
+# keeps them equal): a batch gear's threshold, a cron tick, a missed tick caught up, an operator,
+# or the follow-up of a failed (retry) or interrupted (resume) run.
+TriggerSource = Literal["batch", "cron", "catch-up", "manual", "retry", "resume"]
+
+
 class RunSpec(_Strict):
     spec_version: int = SPEC_VERSION
     run_id: int = Field(..., ge=1, description="atlasd.runs id")
     policy: str
     gear: str
-    trigger: Literal["batch", "cron", "catch-up", "manual", "retry", "resume"] = "manual"
+    trigger: TriggerSource = "manual"
     teacher: str = Field(..., description="Teacher model: local path or hub id.")
     student: str = Field(..., description="Student to start from: the champion's checkpoint or the base student.")
     base_student: str = Field(..., description="The policy's base student (for reference and baseline eval).")

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 from atlasd.db.migrate import init_sdk_schema, migrate  # noqa: E402
-from tests import pg  # noqa: E402
+from atlasd.testing import pg  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import psycopg
 import yaml
 
 from atlasd.cli import main
-from tests.daemonproc import DaemonProcess, wait_until
+from atlasd.testing.daemon import DaemonProcess, wait_until
 from tests.test_policies import write_malformed_cases
 
 

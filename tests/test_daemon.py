@@ -16,7 +16,8 @@ import psycopg
 from atlasd.daemon import Daemon
 from atlasd.listener import APPLICATION_NAME
 from atlasd.settings import load_settings
-from tests.daemonproc import DaemonProcess, sdk_write_sessions, wait_until
+from atlasd.testing.daemon import DaemonProcess, wait_until
+from atlasd.testing.sdk import sdk_write_sessions
 
 
 def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:

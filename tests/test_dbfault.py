@@ -26,13 +26,14 @@ import yaml
 
 from atlasd import queue
 from atlasd.daemon import Daemon
-from atlasd.db.migrate import migrations_dir
+from atlasd.db.migrate import trigger_sql
 from atlasd.health import Health
 from atlasd.lock import DAEMON_LOCK_KEY
 from atlasd.settings import load_settings
 from atlasd.status import collect_status
-from tests import pg
-from tests.daemonproc import DaemonProcess, sdk_write_sessions, wait_until
+from atlasd.testing import pg
+from atlasd.testing.daemon import DaemonProcess, wait_until
+from atlasd.testing.sdk import sdk_write_sessions
 from tests.test_service import NotifySocket, PgProxy, cli_status, scrape_fresh
 
 ATLASD_APPS = "application_name LIKE 'atlasd%'"  # every connection of the daemon (and of its CLI)
@@ -373,7 +374,7 @@ def test_a_missing_or_disabled_notify_trigger_shows_in_status(db_url: str, tmp_p
         assert "  - NOTIFY trigger atlasd_sessions_ready_upd is missing on public.sessions" in text
 
         # re-created as the migration creates it: healthy again
-        sql(db_url, (migrations_dir() / "0001_intake.sql").read_text())
+        sql(db_url, trigger_sql())
         status = wait_until(lambda: (s := cli_status(db_url, tmp_path / "policies"))["daemon"]["degraded"] == []
                             and s, 15, "the trigger back")
         assert status["listener"]["notify_trigger_ok"] and status["problems"] == []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonproc import ROOT, wait_until
+from atlasd.testing.daemon import ROOT, wait_until
 
 
 @pytest.fixture(scope="session")

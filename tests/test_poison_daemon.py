@@ -13,7 +13,7 @@ import psycopg
 import yaml
 
 from atlasd.cli import main
-from tests.daemonproc import DaemonProcess, wait_until
+from atlasd.testing.daemon import DaemonProcess, wait_until
 from tests.test_intake import TOO_SMALL
 from tests.test_policies import billion_laughs
 

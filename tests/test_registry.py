@@ -321,8 +321,8 @@ def test_cli_store_unavailable_then_restored_registers_once(tmp_path, tiny_stude
 def test_postgres_backend_and_stopped_server(tmp_path, tiny_student) -> None:
     """MLflow on a throw-away Postgres database (postgresql+psycopg://); a stopped server is
     classified as unavailable (exit 75), not as bad input."""
+    from atlasd.testing import pg
     from registry.__main__ import fail_fast, is_unavailable
-    from tests import pg
 
     name = pg.create_database("atlasd_mlflow")
     try:

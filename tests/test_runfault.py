@@ -37,7 +37,7 @@ from atlasd.promotions import RegistrationRetrier
 from atlasd.runner import RunnerComponent
 from atlasd.sdnotify import Notifier
 from atlasd.settings import load_settings
-from tests import pg
+from atlasd.testing import pg
 
 STANDIN = textwrap.dedent(
     '''
@@ -159,8 +159,9 @@ class Harness:
             "stale_heartbeat_s": 60, "stale_progress_s": 60, **settings})
         self.log = LogCapture()
         configure_logging("json", "info", stream=self.log)
-        self.runner = RunnerComponent(self.settings, LocalExecutor(command=[sys.executable, str(script)]))
         self.registrar = RegistrationRetrier(self.settings) if registrar else None
+        self.runner = RunnerComponent(self.settings, LocalExecutor(command=[sys.executable, str(script)]),
+                                      registrar=self.registrar)
 
     async def __aenter__(self) -> Harness:
         # the daemon's pool, but a wait for a connection gives up after 2 s (30 s there): outages outlast it

@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 
 from atlasd import queue
 from atlasd.executor import _group_exists
-from tests.daemonproc import DaemonProcess, wait_until
+from atlasd.testing.daemon import DaemonProcess, wait_until
 from tests.traces import arithmetic_session
 
 RUN_TIMEOUT = 240  # generous: a loaded 2-core machine runs several torch children at once

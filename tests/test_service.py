@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from atlasd.logging import configure_logging
 from atlasd.metrics import MetricsComponent
 from atlasd.settings import SettingsError, load_settings
-from tests.daemonproc import ROOT, DaemonProcess, wait_until
+from atlasd.testing.daemon import ROOT, DaemonProcess, wait_until
 
 
 def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:

@@ -65,6 +65,7 @@ from typing import Any
 
 import psycopg
 
+from atlasd import intake
 from atlasd.runspec import RunSpec
 
 ACTOR_ROLES = {"teacher": "assistant", "coach": "assistant", "student": "user", "executor": "user", "system": "system"}
@@ -140,7 +141,7 @@ _SPLIT_SQL = (
     "(('x' || substr(encode(sha256(convert_to(%(salt)s || ':' || s.id::text, 'UTF8')), 'hex'), 1, 15))"
     "::bit(60)::bigint < %(threshold)s)"
 )
-_READY = "(s.review_status = 'approved' AND s.status = 'succeeded')"
+_READY = f"({intake.READY})"
 _KEY_OK = "(%(learning_key)s::text IS NULL OR s.metadata->>'learning_key' = %(learning_key)s::text)"
 # The live session's score as numeric, NULL unless a JSON number: no value (text, 1e-400, 1e400)
 # can fail the query, whatever order the planner evaluates the conditions in.
@@ -170,8 +171,7 @@ _WINDOW_REASON = f"""
 _SCAN = f"""
 SELECT i.seq, i.session_id, i.session_created_at, {_WINDOW_REASON} AS reason,
        ({_USABLE}) IS TRUE AS usable, ({_AGE_OK}) IS TRUE AS age_ok, ({_SPLIT_SQL}) IS TRUE AS split
-  FROM (SELECT seq, session_id, session_created_at, malformed, revoked_at FROM atlasd.intake
-         WHERE seq > %(after)s AND seq <= %(upto)s ORDER BY seq LIMIT %(page)s) i
+  FROM ({intake.PAGE}) i
   LEFT JOIN LATERAL (SELECT id, review_status, status, metadata, reward_stats, created_at FROM sessions
                       WHERE id = i.session_id AND created_at = i.session_created_at OFFSET 0) s ON true
  ORDER BY i.seq

@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.db import connect
+from atlasd.intake import revoked_session_ids
 from atlasd.promotions import RegistryCallError, purge_mlflow
-from atlasd.retention import purge_revoked, revoked_ids, run_gc
+from atlasd.retention import purge_revoked, run_gc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     settings = cli_settings()
     with connect(settings.dsn, autocommit=True, application_name="atlasd-gc") as conn:
         purged, waiting = purge_revoked(conn, settings, datetime.now(UTC), dry_run=args.dry_run)
-        ids = revoked_ids(conn)
+        ids = revoked_session_ids(conn)
     mlflow = None
     if not args.dry_run:
         try:

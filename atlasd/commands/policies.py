@@ -22,7 +22,7 @@ from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.db import aconnect, connect
 from atlasd.db.migrate import check_schema
-from atlasd.lock import HEARTBEAT_STALE_S
+from atlasd.lock import live_daemon
 from atlasd.policies import PolicySet, expand_paths, load_files
 from atlasd.settings import Settings
 
@@ -200,13 +200,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     settings = cli_settings()
     with connect(settings.dsn, application_name="atlasd-cli") as conn:
-        row = conn.execute(
-            """SELECT pid, host, extract(epoch FROM now() - heartbeat_at), stopped_at IS NOT NULL
-                 FROM atlasd.daemon_state"""
-        ).fetchone()
-    if row is None or row[3] or float(row[2]) > HEARTBEAT_STALE_S:
+        live = live_daemon(conn)
+    if live is None:
         raise CommandError(f"no running atlasd on {settings.dsn_redacted} (start it with `atlasd run`)")
-    pid, host = row[0], row[1]
+    pid, host = live
     if host != socket.gethostname():
         raise CommandError(f"atlasd runs on host {host!r} (pid {pid}); run `atlasd reload` there")
     try:

@@ -3,6 +3,8 @@ long-lived connection notices a dead peer; errors are re-raised without the pass
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 
 from atlasd.settings import redact_url
@@ -18,6 +20,11 @@ KEEPALIVE_KWARGS = {
 
 def connect_kwargs(application_name: str = "atlasd", connect_timeout: int = 10) -> dict:
     return {**KEEPALIVE_KWARGS, "application_name": application_name, "connect_timeout": connect_timeout}
+
+
+def iso(value: datetime | None) -> str | None:
+    """A timestamp as the status documents print it (ISO 8601; None stays None)."""
+    return value.isoformat() if value is not None else None
 
 
 class DatabaseError(RuntimeError):

@@ -74,9 +74,9 @@ TRIGGERS_FROM = "CREATE OR REPLACE FUNCTION atlasd.notify_sessions_ready()"
 
 
 def trigger_sql() -> str:
-    """The NOTIFY function and its two triggers exactly as migration 0001 defines them (the one
-    definition): the tail of 0001_intake.sql, idempotent (CREATE OR REPLACE, DROP/CREATE TRIGGER)."""
-    sql = next(m for m in available_migrations() if m.version == 1).sql
+    """The NOTIFY function and its two triggers exactly as the newest migration that defines them
+    does (the one definition): that file's tail, idempotent (CREATE OR REPLACE, DROP/CREATE TRIGGER)."""
+    sql = next(m.sql for m in reversed(available_migrations()) if TRIGGERS_FROM in m.sql)
     return sql[sql.index(TRIGGERS_FROM):]
 
 

@@ -38,9 +38,11 @@ from typing import Any
 import psycopg
 import yaml
 
+from atlasd import intake, promotions, queue
 from atlasd.db.migrate import init_sdk_schema, migrate
 from atlasd.policies import Policy, PolicyFileError, load_policy_file
 from atlasd.settings import redact_url
+from atlasd.testing.daemon import DaemonProcess
 
 POLICY_NAME = "demo"
 POLICY_TEMPLATE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "demo.yaml"
@@ -178,11 +180,6 @@ def reset_database(url: str) -> None:
         conn.execute(f"COMMENT ON SCHEMA atlasd IS '{DEMO_SCHEMA_MARK}'")
 
 
-def query(url: str, sql: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        return conn.execute(sql, params or []).fetchall()
-
-
 # ---------------------------------------------------------------- traffic (as the Atlas SDK writes it)
 
 
@@ -285,53 +282,38 @@ def write_policy(state_dir: Path, teacher: Path, student: Path, baseline: float,
 # ---------------------------------------------------------------- the daemon
 
 
-class Daemon:
-    """``python -m atlasd run`` in its own session, JSON log to ``daemon.log``."""
+class Daemon(DaemonProcess):
+    """The shared daemon harness, leading its own session, its JSON log also in ``daemon.log``;
+    failures are DemoErrors, and stopping it stops the trainer groups it was seen running."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env, self.log_path = env, log_path
-        self.proc: subprocess.Popen | None = None
+    def __init__(self, url: str, state_dir: Path, env: dict[str, str]) -> None:
+        super().__init__(url, state_dir, cwd=Path.cwd(), log_path=state_dir / "daemon.log", new_session=True,
+                         base_env=_child_env({}), **env)
         self.trainer_pgids: dict[int, tuple[int, str]] = {}  # run id -> (pgid, run dir), to clean up after a kill
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "atlasd", "run"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def events(self) -> list[dict]:
-        out = []
-        with contextlib.suppress(FileNotFoundError), open(self.log_path, errors="replace") as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-                    if isinstance(event, dict):
-                        out.append(event)
-        return out
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            tail = "".join(self.log_path.read_text(errors="replace").splitlines(True)[-15:])
+            tail = "".join(self.raw[-15:])
             raise DemoError(f"the daemon exited ({None if self.proc is None else self.proc.returncode}); "
                             f"its log is {self.log_path}:\n{tail}")
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e.get("event") == "ready" for e in self.events()):
+        try:
+            self.wait_for("ready", timeout)
+        except AssertionError:
             self.check_alive()
-            if time.monotonic() > deadline:
-                raise DemoError(f"the daemon was not ready after {timeout:.0f}s; see {self.log_path}")
-            time.sleep(0.2)
+            raise DemoError(f"the daemon was not ready after {timeout:.0f}s; see {self.log_path}") from None
 
     def stop(self) -> int | None:
         """SIGTERM (the daemon stops its trainer first), wait, SIGKILL; then any trainer group left."""
         if self.proc is None:
             return None
-        stop_process(self.proc, DAEMON_STOP_TIMEOUT_S, group=False)
+        code = super().stop(DAEMON_STOP_TIMEOUT_S)
         for pgid, run_dir in self.trainer_pgids.values():
             if _group_alive_in(pgid, run_dir):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
-        return self.proc.returncode
+        return code
 
 
 def _group_alive_in(pgid: int, run_dir: str) -> bool:
@@ -345,24 +327,18 @@ def _group_alive_in(pgid: int, run_dir: str) -> bool:
 # ---------------------------------------------------------------- following runs
 
 
-RUN_SQL = """SELECT r.id, r.gear, r.trigger, r.state, r.n_traces, r.window_lo, r.window_hi, r.started_at,
-                    r.finished_at, r.metrics, r.result, r.spec, r.champion_version, r.error, r.pgid, r.output_dir,
-                    g.state, g.model_version, g.decision, g.last_error
-               FROM atlasd.runs r LEFT JOIN atlasd.registrations g ON g.run_id = r.id WHERE r.id = %s"""
-RUN_KEYS = ("id", "gear", "trigger", "state", "n_traces", "window_lo", "window_hi", "started_at", "finished_at",
-            "metrics", "result", "spec", "champion_version", "error", "pgid", "output_dir", "registration",
-            "model_version", "decision", "registration_error")
+def read(url: str, owner_read, *args):
+    """``owner_read(conn, *args)`` (a table owner's read) on a fresh autocommit connection."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        return owner_read(conn, *args)
 
 
 def fetch_run(url: str, run_id: int) -> dict:
-    rows = query(url, RUN_SQL, [run_id])
-    return dict(zip(RUN_KEYS, rows[0])) if rows else {}
+    return read(url, queue.run_report, run_id) or {}
 
 
 def promotion_of(url: str, run_id: int) -> dict | None:
-    rows = query(url, "SELECT action, from_version, to_version, reason, checks FROM atlasd.promotions "
-                      "WHERE atlasd_run_id = %s AND action IN ('promote', 'reject')", [run_id])
-    return dict(zip(("action", "from_version", "to_version", "reason", "checks"), rows[0])) if rows else None
+    return read(url, promotions.gate_decision, run_id)
 
 
 def _pct(x: float | None) -> str:
@@ -388,22 +364,18 @@ class Follower:
 
     def recorded(self, expected: int, malformed: int) -> None:
         def count():
-            n, bad = query(self.url, "SELECT count(*), count(malformed) FROM atlasd.intake")[0]
-            return (n, bad) if n >= expected else None
+            n, bad, reasons = read(self.url, intake.recorded_counts)
+            return (n, bad, reasons) if n >= expected else None
 
-        n, bad = self.wait(f"{expected} recorded traces", count, 60, 0.1)
-        reasons = query(self.url, "SELECT malformed, count(*) FROM atlasd.intake WHERE malformed IS NOT NULL "
-                                  "GROUP BY 1 ORDER BY 1")
+        n, bad, reasons = self.wait(f"{expected} recorded traces", count, 60, 0.1)
         self.say(f"daemon recorded {n} traces so far ({bad} malformed: "
-                 + ("; ".join(f"{c}x {r}" for r, c in reasons) or "none") + ")")
+                 + ("; ".join(f"{c}x {r}" for r, c in reasons.items()) or "none") + ")")
         if bad != malformed:
             raise DemoError(f"expected {malformed} malformed traces recorded, the daemon has {bad}")
 
     def queued_run(self, after_id: int, gear: str) -> int:
-        rows = self.wait(f"a queued {gear} run", lambda: query(
-            self.url, "SELECT id, trigger, window_lo, window_hi, n_traces FROM atlasd.runs WHERE id > %s AND gear = %s "
-                      "ORDER BY id LIMIT 1", [after_id, gear]), 60, 0.2)
-        run_id, trigger, lo, hi, n = rows[0]
+        run = self.wait(f"a queued {gear} run", lambda: read(self.url, queue.first_run_after, after_id, gear), 60, 0.2)
+        run_id, trigger, lo, hi, n = run.id, run.trigger, run.window_lo, run.window_hi, run.n_traces
         self.say(f"run {run_id} queued: {POLICY_NAME}/{gear}, trigger {trigger}, {n} new traces (intake seq {lo}..{hi}]")
         return run_id
 
@@ -527,18 +499,11 @@ def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = Fa
         every = policy.gears["fast"].trigger.batch.every
         say(f"policy: {policy_path} (fast gear every {every} traces; quality gear by cron or by hand)")
 
-        env = _child_env({
-            "ATLASD_DB_URL": url,
-            "ATLASD_POLICIES_DIR": str(policy_path.parent),
-            "ATLASD_STATE_DIR": str(state_dir),
-            "ATLASD_LOG_FORMAT": "json",
-            "ATLASD_METRICS_ADDR": "127.0.0.1:0",
-            "ATLASD_POLL_INTERVAL_S": "3600",  # intake after start-up comes from NOTIFY alone
-            "ATLASD_RUNNER_POLL_S": "0.5",
-            "ATLASD_CHILD_STOP_TIMEOUT_S": "20",
-            "ATLASD_PROMOTION_NOTIFY": "true",
-        })
-        daemon = Daemon(env, state_dir / "daemon.log")
+        # the harness adds the database, state and policies folders, JSON logs, a free metrics port
+        # and no slow poll (intake after start-up comes from NOTIFY alone)
+        daemon = Daemon(url, state_dir, {"ATLASD_RUNNER_POLL_S": "0.5", "ATLASD_CHILD_STOP_TIMEOUT_S": "20",
+                                         "ATLASD_PROMOTION_NOTIFY": "true"})
+        env = daemon.env  # the CLI commands below see the daemon's settings
         daemon.start()
         daemon.wait_ready()
         say(f"daemon: ready (pid {daemon.proc.pid}, JSON log {daemon.log_path})")
@@ -560,7 +525,7 @@ def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = Fa
                                      "wrong": batch.wrong, "malformed": batch.malformed, "rejected": batch.rejected})
             follow.recorded(expected, sum(b["malformed"] for b in facts["batches"]))
             run_id = follow.queued_run(run_ids[-1] if run_ids else 0, "fast")
-            evidence = notify_evidence(daemon.events(), run_id)
+            evidence = notify_evidence(list(daemon.events), run_id)
             say(f"  triggered by NOTIFY: intake of {evidence['intake']['hinted']} hinted session ids "
                 f"recorded {evidence['intake']['recorded']}, then the fast gear fired ({evidence['run_queued']['reason']})")
             facts.setdefault("notify", {})[str(run_id)] = evidence
@@ -576,11 +541,8 @@ def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = Fa
         follow.run(run_ids[-1])
 
         facts["runs"] = [_run_facts(url, r) for r in run_ids]
-        facts["intake"] = dict(zip(("total", "malformed"), query(
-            url, "SELECT count(*), count(malformed) FROM atlasd.intake")[0]))
-        facts["promotions"] = [dict(zip(("id", "action", "from_version", "to_version", "reason", "run_id"), r))
-                               for r in query(url, "SELECT id, action, from_version, to_version, reason, atlasd_run_id "
-                                                   "FROM atlasd.promotions ORDER BY id")]
+        facts["intake"] = dict(zip(("total", "malformed"), read(url, intake.recorded_counts)[:2]))
+        facts["promotions"] = read(url, promotions.audit_rows)
         status = _cli(env, "status")
         status_json = _cli(env, "status", "--json")
         models = _cli(env, "models", POLICY_NAME, "--json")

@@ -27,8 +27,9 @@ import psycopg
 import yaml
 from psycopg.rows import dict_row
 
-from tests import pg
-from tests.daemonproc import DaemonProcess, sdk_write_sessions, wait_until
+from atlasd.testing import pg
+from atlasd.testing.daemon import DaemonProcess, wait_until
+from atlasd.testing.sdk import sdk_write_sessions
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDINS = Path(__file__).resolve().parent / "standins"

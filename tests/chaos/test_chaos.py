@@ -25,9 +25,9 @@ from atlasd.cadence import _cron_key
 from atlasd.policies import load_policy_file
 from atlasd.settings import load_settings
 from atlasd.status import collect_status
+from atlasd.testing.daemon import wait_until
 from tests.chaos.harness import ATLASD_APPS, Chaos
 from tests.chaos.invariants import assert_invariants
-from tests.daemonproc import wait_until
 
 FINAL = {"succeeded", "failed", "interrupted", "cancelled"}
 
