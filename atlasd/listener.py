@@ -3,7 +3,10 @@
 It never writes the intake; it only wakes the reconciler with the payload's id hints. After
 every (re)connect it asks for a full reconcile, since notifications sent while it was away are
 lost. A dead connection is noticed by libpq keepalives, by the error ``notifies()`` raises when
-the server ends the session, and by a ``SELECT 1`` after each quiet ``notify_timeout_s``.
+the server ends the session, and by a ``SELECT 1`` after each quiet ``notify_timeout_s`` (one not
+answered within LIVENESS_TIMEOUT_S, say from a hung backend whose TCP still answers keepalives,
+counts as a lost connection; psycopg then gives the cancelled query up to 5 s more, as for the
+lock's heartbeat).
 Reconnects back off exponentially (capped at ``reconnect_max_backoff_s``) with jitter; while it
 reconnects, the part ``listener`` is degraded in the daemon's :class:`~atlasd.health.Health`.
 
@@ -26,6 +29,7 @@ from atlasd.settings import Settings
 
 CHANNEL = "atlasd_traces"
 APPLICATION_NAME = "atlasd-listener"
+LIVENESS_TIMEOUT_S = 10.0  # a liveness SELECT 1 not answered this fast: reconnect (as the lock's heartbeat)
 NOTIFY_TRIGGERS = ("atlasd_sessions_ready_ins", "atlasd_sessions_ready_upd")  # migration 0001
 # One row, one column: {trigger name: "enabled" | "disabled" | "missing"} for NOTIFY_TRIGGERS
 # (a trigger disabled, or enabled only for replicas, sends nothing to the daemon).
@@ -86,5 +90,9 @@ class Listener:
             async for notify in conn.notifies(timeout=self.settings.notify_timeout_s):
                 quiet = False
                 self._wake(parse_payload(notify.payload))
-            if quiet:
-                await conn.execute("SELECT 1")  # liveness: raises if the session is gone
+            if quiet:  # liveness: raises if the session is gone, or does not answer
+                try:
+                    async with asyncio.timeout(LIVENESS_TIMEOUT_S):
+                        await conn.execute("SELECT 1")
+                except TimeoutError:
+                    raise DatabaseError(f"no answer to a liveness check in {LIVENESS_TIMEOUT_S:g} s") from None

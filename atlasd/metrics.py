@@ -8,7 +8,8 @@ ONE persistent connection (``statement_timeout`` 10 s, ``lock_timeout`` 1 s: it 
 SDK behind it). However many scrapes arrive at once, atlasd holds at most that one connection for
 metrics and each scrape answers from memory. ``atlasd_metrics_refreshed_timestamp_seconds`` says
 when the values were read. When the last refresh failed, or the cache is older than 3 refresh
-intervals, a scrape answers 200 with ``atlasd_up 0`` and no other atlasd series;
+intervals, a scrape answers 200 with ``atlasd_up 0`` and, of the atlasd series, only the refresh
+time (when the values were last read);
 ``atlasd_scrape_errors_total`` counts failed refreshes. The series are listed in the README
 ("Running as a service").
 """
