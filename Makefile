@@ -11,6 +11,8 @@ $(PY):
 
 install: $(PY)
 	$(PIP) install -e '.[test]'
+	# the Atlas SDK for tests/atlas_sdk.py, without its ~40 dependencies (see the comment in pyproject.toml)
+	$(PIP) install --no-deps 'arc-atlas==0.1.16'
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -31,9 +31,11 @@ from apscheduler.triggers.cron import CronTrigger
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError, model_validator
 
 from atlasd.runspec import (
+    EXAMPLES_HELP,
     MAX_SESSION_BYTES,
     MAX_SESSION_BYTES_LIMIT,
     EvalSpec,
+    ExampleMode,
     GKDSettings,
     MlflowTarget,
     OptimSettings,
@@ -169,6 +171,7 @@ class Filters(_Strict):
     max_session_bytes: int = Field(
         MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
         description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
+    examples: ExampleMode = Field("per_turn", description=EXAMPLES_HELP)
     max_traces: int = Field(
         20_000, gt=0, le=10_000_000,
         description="At most this many new traces go into one run, the newest; older pending ones are skipped "
@@ -254,6 +257,7 @@ class Policy(_Strict):
                 rehearsal_fraction=g.filters.rehearsal_fraction,
                 rehearsal_seed=window_hi,
                 max_session_bytes=g.filters.max_session_bytes,
+                examples=g.filters.examples,
             ),
             gkd=g.gkd,
             optim=g.optim,

@@ -142,6 +142,13 @@ class Targets(_Strict):
         )
 
 
+# Training examples per session: one per assistant turn, or one for its last (the eval set always
+# takes the last: the judge compares it with the session's final answer).
+ExampleMode = Literal["per_turn", "last_turn"]
+EXAMPLES_HELP = ("Training examples per session: per_turn (one per assistant turn, each prompt what the model "
+                 "saw before it) or last_turn. The eval set always uses the last turn.")
+
+
 class TraceSelection(_Strict):
     db_url: str | None = Field(None, description="Atlas DB URL; default $ATLASD_DB_URL. Never logged.")
     learning_key: str | None = Field(None, description="Only sessions of this task family; None: all.")
@@ -154,6 +161,7 @@ class TraceSelection(_Strict):
     max_session_bytes: int = Field(
         MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
         description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
+    examples: ExampleMode = Field("per_turn", description=EXAMPLES_HELP)
 
     @model_validator(mode="after")
     def _window(self) -> TraceSelection:

@@ -51,9 +51,12 @@ def test_conversations_from_events_steps_and_final_answer(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         ev_sid, _ = add_session(
             conn, task="What is 2 + 3?", final_answer="5", plan=["read", "add"],
-            events=[event("student", "Let me think", key="input"), event("teacher", "Add them.", key="chunk"),
-                    event("executor", "2 + 3 = 5"), event("coach", "Final Answer: 5"),
-                    event("unknown", "ignored"), event("student", "thanks")],
+            events=[event("student", "the student's own prompt", key="input", event_type="LLM_START"),
+                    event("student", "Let me think"), event("student", "2 and 3?"),  # merged: one user turn
+                    event("teacher", "Add them."), event("executor", "Let me think"),  # a repeat: dropped
+                    event("executor", "x", event_type="TOOL_START", key="input"), event("executor", "2 + 3 = 5",
+                                                                                       event_type="TOOL_END"),
+                    event("coach", "Final Answer: 5"), event("unknown", "ignored"), event("student", "thanks")],
         )
         st_sid, _ = add_session(
             conn, task="Steps only", final_answer="9",
@@ -63,22 +66,27 @@ def test_conversations_from_events_steps_and_final_answer(db_url):
         fa_sid, _ = add_session(conn, task="No teacher", final_answer="#### 7",
                                 events=[event("student", "I computed 7")])
         bare_sid, _ = add_session(conn, task="Nothing at all", final_answer=None)
-    build = build_dataset(make_spec(db_url))
+    build = build_dataset(make_spec(db_url, examples="last_turn"))
     by_id = {e.session_id: e for e in build.train}
     ex = by_id[ev_sid]
     assert ex.prompt == [
         {"role": "system", "content": "Task: What is 2 + 3?\nPlan:\n1. read\n2. add"},
-        {"role": "user", "content": "Let me think"},
+        {"role": "user", "content": "Let me think\n\n2 and 3?"},
         {"role": "assistant", "content": "Add them."},
         {"role": "user", "content": "2 + 3 = 5"},
     ]
     assert ex.completion == "Final Answer: 5" and ex.reference == "5"  # trailing user turn dropped
-    ex = by_id[st_sid]  # step fallback: guidance -> assistant, output (else trace) -> user, by step id
-    assert [m["content"] for m in ex.prompt] == ["Task: Steps only", "guide one", "out one"]
+    ex = by_id[st_sid]  # step fallback: output (else trace) -> user, then its guidance -> assistant, by step id
+    assert [m["content"] for m in ex.prompt] == ["Task: Steps only", "out one", "guide one", "trace two"]
     assert ex.completion == "guide two"
-    ex = by_id[fa_sid]  # no assistant turn: the final answer is the completion
-    assert ex.prompt[-1] == {"role": "user", "content": "I computed 7"} and ex.completion == "#### 7"
+    ex = by_id[fa_sid]  # no assistant turn: the task answered by the final answer, without the session's work
+    assert ex.prompt[1:] == [{"role": "user", "content": "No teacher"}] and ex.completion == "#### 7"
     assert bare_sid not in by_id and build.skipped == {"no_completion": 1}
+    per_turn = [e for e in build_dataset(make_spec(db_url)).train if e.session_id in (ev_sid, st_sid)]
+    assert [(e.session_id, e.completion, e.reference) for e in per_turn] == [
+        (ev_sid, "Add them.", "Add them."), (ev_sid, "Final Answer: 5", "5"),
+        (st_sid, "guide one", "guide one"), (st_sid, "guide two", "9")]
+    assert per_turn[0].prompt == by_id[ev_sid].prompt[:2]
 
 
 def test_filters_and_skip_reasons(db_url):
@@ -220,7 +228,7 @@ def test_oversized_sessions_are_skipped_unread(db_url):
         fine_bytes = conn.execute("SELECT sum(octet_length(event::text)) FROM trajectory_events"
                                   " WHERE session_id = ANY(%s)", [fine]).fetchone()[0]
     over = [s for s in sessions.values() if s.state == "oversized"]
-    assert len(over) == 4 and all(s.example is None and not s.messages for s in over)
+    assert len(over) == 4 and all(s.examples is None and not s.events for s in over)
     assert reader.stats.event_bytes == fine_bytes  # not one event of an oversized session was fetched
     assert build_dataset(make_spec(db_url, window_lo=old[-1][1])).skipped == {}  # under the default 8 MiB cap
 

@@ -7,20 +7,25 @@ Which sessions (all through ``atlasd.intake``, the daemon's record of approved s
   min_reward on ``reward_stats.score`` as a JSON number, max_age_days on ``created_at``);
 - **rehearsal**: older rows (``seq <= window_lo``) passing the same checks, a deterministic sample
   (md5 of ``rehearsal_seed`` and session id) sized so that rehearsal is ``rehearsal_fraction`` of
-  the training set;
+  the training set's sessions;
 - **eval** (frozen split): sessions whose stable hash ``sha256(f"{salt}:{session_id}")`` falls
   below ``eval_fraction``, salt = ``eval.split_salt`` or the policy name. The eval set is the first
   ``eval.max_samples`` of them by intake seq up to ``window_hi`` (learning_key and min_reward apply,
   max_age_days does not, so the set never drifts). Split sessions are never trained on.
 
-How a session becomes a conversation (docs/atlas-sdk.md): a system message ``Task: ...`` plus
-``Plan:`` lines; then one message per trajectory event with a known actor (read from
-``payload.metadata.actor``, else the top level; text from ``payload.data`` output, chunk or input):
-teacher/coach -> assistant, student/executor -> user, system -> system. Without such events the
-steps are used: guidance notes -> assistant, step output (else trace) -> user. The **prompt** is
-everything before the last assistant turn and the **completion** that turn. A conversation with no
-assistant turn gets the session's ``final_answer`` as its assistant completion (the answer is what
-is judged); with neither, the session is skipped (reason ``no_completion``).
+How a session becomes examples (docs/atlas-sdk.md, :func:`conversation`): a system message
+``Task: ...`` plus ``Plan:`` lines, then user and assistant turns, strictly alternating. The
+trajectory events give the turns by ``payload.event_type`` and actor (``payload.metadata.actor``:
+teacher/coach -> assistant, student/executor -> user, system -> system; others, such as the SDK's
+reward judge, are left out): an LLM_END's output (a streamed call's chunks joined), an assistant
+actor's LLM inputs (what it saw; the student's own prompts are not shown), TOOL_END outputs as user
+turns; repeats dropped, same-role turns merged. Without events the steps are used: step output
+(else trace) -> user, then its guidance notes -> assistant. Each assistant turn is an example
+(``traces.examples: per_turn``, the default; ``last_turn``: only the last; the eval set always
+takes the last): the **prompt** is everything before it, the **completion** that turn, the reference
+the session's ``final_answer`` (for an earlier turn: the turn). A session where no assistant turn
+exists becomes the task (as the user turn) answered by its ``final_answer``, its own work (which
+holds that answer) left out; with no final answer either it is skipped (``no_completion``).
 
 Reading never holds a lock on an SDK table for long: the SDK runs ``ALTER TABLE sessions ADD
 COLUMN IF NOT EXISTS`` on every connect, which needs an ACCESS EXCLUSIVE lock on ``sessions``, waits
@@ -69,6 +74,9 @@ from atlasd import intake
 from atlasd.runspec import RunSpec
 
 ACTOR_ROLES = {"teacher": "assistant", "coach": "assistant", "student": "user", "executor": "user", "system": "system"}
+# An LLM call's input messages (LangChain's ``type``, or a chat ``role``) -> roles; others are user turns.
+MESSAGE_ROLES = {"system": "system", "human": "user", "user": "user", "ai": "assistant", "assistant": "assistant",
+                 "tool": "user", "function": "user"}
 HASH_BITS = 60  # split hash: the first 15 hex digits of the sha256
 
 
@@ -238,33 +246,110 @@ SELECT s.id, s.created_at, s.task, s.final_answer, p.plan, st.steps, gn.guidance
 
 # --- conversation ----------------------------------------------------------------------------
 def _text(value: Any) -> str:
+    """Text of a value: a string; a chat message or chunk ({"content"} as a string or a list of text
+    parts, else {"text"}), with its tool calls; anything else as JSON."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value.strip()
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"].strip()
+    if isinstance(value, dict) and ("content" in value or "text" in value):
+        content = value.get("content")
+        if isinstance(content, list):
+            content = "".join(p if isinstance(p, str) else str(p.get("text") or "") for p in content
+                              if isinstance(p, (str, dict)))
+        if not isinstance(content, str) or (not content and isinstance(value.get("text"), str)):
+            content = value.get("text") if isinstance(value.get("text"), str) else ""
+        calls = [f"Tool call: {c.get('name')}({json.dumps(c.get('args'), ensure_ascii=False, sort_keys=True)})"
+                 for c in value.get("tool_calls") or [] if isinstance(c, dict)]
+        return "\n".join(t for t in [content.strip(), *calls] if t)
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def event_message(event: Any) -> dict[str, str] | None:
-    """One trajectory event -> a chat message, or None (unknown actor, no text)."""
-    if not isinstance(event, dict):
-        return None
-    payload = event.get("payload") if isinstance(event.get("payload"), dict) else {}
-    meta = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
-    actor = meta.get("actor") or event.get("actor") or (event.get("metadata") or {}).get("actor")
-    role = ACTOR_ROLES.get(str(actor).lower()) if actor else None
-    if role is None:
-        return None
-    data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
-    if not data and isinstance(event.get("data"), dict):
-        data = event["data"]
-    for key in ("output", "chunk", "input"):
-        text = _text(data.get(key))
+def _input_messages(value: Any) -> list[dict[str, str]]:
+    """An LLM call's input as chat messages: LangChain's ``{"messages": [...]}`` (flat or one list per
+    prompt), each message's ``type`` (or ``role``) mapped by MESSAGE_ROLES; any other input is one
+    user message."""
+    raw = value.get("messages") if isinstance(value, dict) else None
+    if not isinstance(raw, list):
+        text = _text(value)
+        return [{"role": "user", "content": text}] if text else []
+    flat = [m for item in raw for m in (item if isinstance(item, list) else [item])]
+    out = []
+    for m in flat:
+        kind = str(m.get("type") or m.get("role") or "") if isinstance(m, dict) else ""
+        role, text = MESSAGE_ROLES.get(kind.lower(), "user"), _text(m)
         if text:
-            return {"role": role, "content": text}
-    return None
+            out.append({"role": role, "content": text})
+    return out
+
+
+def event_turns(events: Iterable[Any]) -> list[dict[str, str]]:
+    """A session's trajectory events (IntermediateStep dumps, in id order) -> chat turns, in order,
+    before duplicates are removed and same-role turns merged (turns()).
+
+    Only events of a known actor (``payload.metadata.actor``, ACTOR_ROLES) count, by
+    ``payload.event_type``: LLM_END: the call's output in the actor's role (the text, with any tool
+    calls; a streamed call without an output: its LLM_NEW_TOKEN chunks joined, in the place of the
+    first chunk). LLM_START (else the LLM_END's own input): what an assistant actor's call was
+    given, as its system, user and tool messages (the assistant messages there are its earlier
+    outputs, taken from their LLM_END: the input does not keep their tool calls). TOOL_END: the tool's output as a user turn. Everything else (the
+    student's own prompts, TOOL_START, workflow, task, function and span events) is left out."""
+    turns: list[dict[str, str]] = []
+    streamed: dict[Any, dict[str, str]] = {}  # call UUID -> its turn built from chunks
+    started: set[Any] = set()  # calls whose input was taken from their LLM_START
+    for event in events:
+        payload = event.get("payload") if isinstance(event, dict) else None
+        if not isinstance(payload, dict):
+            continue
+        meta = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
+        role = ACTOR_ROLES.get(str(meta.get("actor") or "").lower())
+        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+        kind, call = payload.get("event_type"), payload.get("UUID")
+        if role is None:
+            continue
+        if kind == "LLM_START" or (kind == "LLM_END" and call not in started):
+            if role == "assistant":  # its own earlier turns in the input come from their LLM_END
+                turns += [m for m in _input_messages(data.get("input")) if m["role"] != "assistant"]
+            started.add(call)
+        if kind == "LLM_NEW_TOKEN":
+            chunk = data.get("chunk")  # a string, or the SDK's {"content"/"text": ...}; never stripped
+            if isinstance(chunk, dict):
+                chunk = chunk.get("content") if isinstance(chunk.get("content"), str) else chunk.get("text")
+            text = chunk if isinstance(chunk, str) else ""
+            if call not in streamed:
+                streamed[call] = {"role": role, "content": ""}
+                turns.append(streamed[call])
+            streamed[call]["content"] += text
+        elif kind == "LLM_END":
+            text = _text(data.get("output"))
+            if call in streamed:
+                turn = streamed.pop(call)
+                turn["content"] = text or turn["content"]
+            elif text:
+                turns.append({"role": role, "content": text})
+        elif kind == "TOOL_END":
+            text = _text(data.get("output"))
+            if text:
+                turns.append({"role": "user", "content": text})
+    return [{"role": t["role"], "content": t["content"].strip()} for t in turns if t["content"].strip()]
+
+
+def step_turns(steps: list | None, guidance: list | None) -> list[dict[str, str]]:
+    """Without events: per step (by step id) its output, else its trace, as a user turn, then the
+    guidance notes on it (the teacher's, given after the attempt) as assistant turns."""
+    notes: dict[int, list[str]] = {}
+    for g in guidance or []:
+        if _text(g.get("note")):
+            notes.setdefault(g.get("step_id"), []).append(_text(g["note"]))
+    by_step = {s.get("step_id"): s for s in steps or []}
+    turns = []
+    for sid in sorted(set(by_step) | set(notes), key=lambda x: (x is None, x)):
+        step = by_step.get(sid) or {}
+        text = _text(step.get("output")) or _text(step.get("trace"))
+        if text:
+            turns.append({"role": "user", "content": text})
+        turns += [{"role": "assistant", "content": n} for n in notes.get(sid, [])]
+    return turns
 
 
 def system_message(task: str, plan: Any) -> dict[str, str]:
@@ -281,53 +366,58 @@ def system_message(task: str, plan: Any) -> dict[str, str]:
 
 def conversation(task: str, plan: Any, events: list | None, steps: list | None, guidance: list | None,
                  final_answer: str | None) -> list[dict[str, str]]:
-    """The session as chat messages (system first); ends with an assistant turn unless none exists."""
-    return _conversation(task, plan, [m for m in map(event_message, events or []) if m], steps, guidance, final_answer)
+    """The session as chat messages: the system message (``Task:``, ``Plan:``, then any system
+    message the model was given), then user and assistant turns strictly alternating, starting
+    with a user turn: the turns from the events (event_turns), else from the steps (step_turns),
+    without any turn whose text an earlier message already holds, same-role turns merged (blank
+    line between). The task is the first user turn when the turns start with the assistant's.
+    With no assistant turn at all, the model never answered in the session: the conversation is
+    the task as the user turn and ``final_answer`` as the assistant's (the session's own work,
+    which holds that answer, is left out); without a final answer, there is no assistant turn."""
+    head = system_message(task, plan)
+    body = event_turns(events or []) or step_turns(steps, guidance)
+    if not any(t["role"] == "assistant" for t in body):
+        body = [{"role": "assistant", "content": _text(final_answer)}] if _text(final_answer) else []
+    seen = {head["content"]}
+    turns: list[dict[str, str]] = []
+    for t in body:
+        if t["content"] in seen:
+            continue
+        seen.add(t["content"])
+        if t["role"] == "system":
+            head = {"role": "system", "content": head["content"] + "\n\n" + t["content"]}
+        elif turns and turns[-1]["role"] == t["role"]:
+            turns[-1] = {"role": t["role"], "content": turns[-1]["content"] + "\n\n" + t["content"]}
+        else:
+            turns.append(dict(t))
+    if turns and turns[0]["role"] == "assistant":
+        turns.insert(0, {"role": "user", "content": task.strip()})
+    return [head, *turns]
 
 
-def _conversation(task: str, plan: Any, from_events: list[dict[str, str]], steps: list | None, guidance: list | None,
-                  final_answer: str | None) -> list[dict[str, str]]:
-    """conversation() with the events already turned into messages (event_message, None dropped)."""
-    messages = [system_message(task, plan)]
-    if from_events:
-        messages += from_events
-    else:
-        notes: dict[int, list[str]] = {}
-        for g in guidance or []:
-            if _text(g.get("note")):
-                notes.setdefault(g.get("step_id"), []).append(_text(g["note"]))
-        step_ids = sorted({s.get("step_id") for s in steps or []} | set(notes), key=lambda x: (x is None, x))
-        by_step = {s.get("step_id"): s for s in steps or []}
-        for sid in step_ids:
-            messages += [{"role": "assistant", "content": n} for n in notes.get(sid, [])]
-            step = by_step.get(sid) or {}
-            text = _text(step.get("output")) or _text(step.get("trace"))
-            if text:
-                messages.append({"role": "user", "content": text})
-    if not any(m["role"] == "assistant" for m in messages[1:]) and _text(final_answer):
-        messages.append({"role": "assistant", "content": _text(final_answer)})
-    return messages
+def to_examples(row: dict, source: str, per_turn: bool = False) -> list[Example] | str:
+    """The session's examples (``row``: session_id, seq, task, plan, events, steps, guidance,
+    final_answer), or the reason it has none (no_task, no_completion). One per assistant turn
+    (``per_turn``), else one for its last: the prompt is the conversation before that turn, the
+    completion that turn. The reference is ``final_answer`` for the last turn (the completion without
+    one) and the turn itself for earlier ones."""
+    if not _text(row.get("task")):
+        return "no_task"
+    messages = conversation(row["task"], row.get("plan"), row.get("events"), row.get("steps"), row.get("guidance"),
+                            row.get("final_answer"))
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        return "no_completion"
+    return [Example(session_id=row["session_id"], seq=row["seq"], prompt=messages[:i],
+                    completion=messages[i]["content"], source=source,
+                    reference=(_text(row.get("final_answer")) if i == turns[-1] else "") or messages[i]["content"])
+            for i in (turns if per_turn else turns[-1:])]
 
 
 def to_example(row: dict, source: str) -> Example | str:
-    """An Example, or the reason the session is skipped."""
-    return _example(row, [m for m in map(event_message, row.get("events") or []) if m], row["session_id"], row["seq"],
-                    source)
-
-
-def _example(row: dict, from_events: list[dict[str, str]], session_id: int, seq: int, source: str) -> Example | str:
-    if not _text(row.get("task")):
-        return "no_task"
-    messages = _conversation(row["task"], row.get("plan"), from_events, row.get("steps"), row.get("guidance"),
-                             row.get("final_answer"))
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0:
-        return "no_completion"
-    completion = messages[last]["content"]
-    return Example(
-        session_id=session_id, seq=seq, prompt=messages[:last], completion=completion,
-        reference=_text(row.get("final_answer")) or completion, source=source,
-    )
+    """The session's example for its last assistant turn, or the reason it has none (to_examples)."""
+    out = to_examples(row, source)
+    return out if isinstance(out, str) else out[0]
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -415,20 +505,20 @@ class _Reader:
 
 @dataclass
 class _Session:
-    """A wanted session as read: where it was selected, its bytes so far, its event messages until
-    its content is read, then its Example (or why it has none: no_task, no_completion)."""
+    """A wanted session as read: where it was selected, its bytes so far, its events until its
+    content is read, then its Examples (or why it has none: no_task, no_completion)."""
     seq: int
     source: str  # window | rehearsal | eval
     bytes: int = 0
     state: str = "gone"  # ok | oversized | gone (deleted, or its id reused, since it was selected)
-    messages: list[dict[str, str]] = field(default_factory=list)  # from its events, in id order
-    example: Example | str | None = None
+    events: list = field(default_factory=list)  # its trajectory events, in id order
+    examples: list[Example] | str | None = None
 
     @property
-    def outcome(self) -> Example | str:
-        """The Example, or why the session is skipped."""
+    def outcome(self) -> list[Example] | str:
+        """The Examples, or why the session is skipped."""
         if self.state == "ok":
-            return self.example
+            return self.examples
         return "session_deleted" if self.state == "gone" else self.state
 
 
@@ -445,7 +535,7 @@ def _params(spec: RunSpec, **extra) -> dict:
         "window_lo": t.window_lo, "window_hi": t.window_hi, "learning_key": t.learning_key,
         "min_reward": t.min_reward, "max_age_days": t.max_age_days, "rehearsal_seed": t.rehearsal_seed,
         "salt": split_salt(spec), "threshold": _threshold(spec.eval.eval_fraction),
-        "eval_max": spec.eval.max_samples, "max_session_bytes": t.max_session_bytes, **extra,
+        "eval_max": spec.eval.max_samples, "max_session_bytes": t.max_session_bytes, "examples": t.examples, **extra,
     }
 
 
@@ -526,7 +616,8 @@ def _read_sessions(reader: _Reader, params: dict, wanted: dict[Key, tuple[int, s
     """The wanted sessions ({key: (seq, source)}) read in three passes: their sizes without events,
     their events, their content. A session is 'oversized' as soon as its bytes so far exceed
     max_session_bytes, and no more of it is read; one not found by its identity in the first or the
-    last pass is 'gone'. Each becomes its Example as soon as its content is read."""
+    last pass is 'gone'. Each becomes its Examples as soon as its content is read (to_examples: one per
+    assistant turn with ``examples: per_turn``, except in the eval set, else its last turn)."""
     cap = params["max_session_bytes"]
     keys = sorted(wanted)
     sessions = {key: _Session(*wanted[key]) for key in keys}
@@ -547,15 +638,17 @@ def _read_sessions(reader: _Reader, params: dict, wanted: dict[Key, tuple[int, s
         for sid, created, task, final_answer, plan, steps, guidance in reader.halving("content", _CONTENT, page, batch):
             s = sessions.get((sid, created))
             if s is not None:
-                row = {"task": task, "final_answer": final_answer, "plan": plan, "steps": steps, "guidance": guidance}
-                s.state, s.example, s.messages = "ok", _example(row, s.messages, sid, s.seq, s.source), []
+                row = {"session_id": sid, "seq": s.seq, "task": task, "final_answer": final_answer, "plan": plan,
+                       "steps": steps, "guidance": guidance, "events": s.events}
+                per_turn = params["examples"] == "per_turn" and s.source != "eval"
+                s.state, s.examples, s.events = "ok", to_examples(row, s.source, per_turn), []
     return sessions
 
 
 def _read_events(reader: _Reader, params: dict, wanted: dict[int, _Session]) -> None:
     """trajectory_events, once, in ranges of its primary key: per range the wanted sessions' event
-    sizes, then the content of the events of the sessions still within max_session_bytes, turned
-    into messages in id order. A session over the cap leaves ``wanted`` (no later range asks for it)."""
+    sizes, then the content of the events of the sessions still within max_session_bytes, kept in
+    id order. A session over the cap leaves ``wanted`` (no later range asks for it)."""
     cap = params["max_session_bytes"]
     lo, last = reader.rows("events", "SELECT coalesce(min(id), 0)::bigint - 1, coalesce(max(id), 0) "
                                      "FROM trajectory_events", {})[0]
@@ -570,7 +663,7 @@ def _read_events(reader: _Reader, params: dict, wanted: dict[int, _Session]) -> 
             if s is not None:
                 s.bytes += size
                 if s.bytes > cap:
-                    s.state, s.messages = "oversized", []
+                    s.state, s.events = "oversized", []
                     del wanted[sid]
         owner = {eid: sid for eid, sid, _ in rows if sid in wanted}
         batch, total = [], 0
@@ -582,9 +675,7 @@ def _read_events(reader: _Reader, params: dict, wanted: dict[int, _Session]) -> 
                 texts = reader.halving("events", _EVENTS, lambda ids, lo=lo, hi=hi: {
                     "lo": lo, "hi": hi, "want": _ints(ids)}, batch)
                 for (event_id, _), event in zip(texts, json.loads("[" + ",".join(text for _, text in texts) + "]")):
-                    message = event_message(event)
-                    if message:
-                        wanted[owner[event_id]].messages.append(message)
+                    wanted[owner[event_id]].events.append(event)
                 batch, total = [], 0
         lo = hi
         took = time.monotonic() - start
@@ -640,17 +731,20 @@ def _build(spec: RunSpec, dsn: str | None = None, *, with_train: bool = True) ->
             if isinstance(outcome, str):
                 reasons[outcome] += 1
             else:
-                out.append(outcome)
+                out += outcome
         return out
 
     eval_set = examples((key for _, key in sel.eval), aside)
     train: list[Example] = []
+    n_sessions = 0  # window sessions with examples: the rehearsal sample is sized in sessions
     for _, key, reason in sel.window:
         if reason is None:
-            train += examples([key], skipped)
+            found = examples([key], skipped)
+            train += found
+            n_sessions += bool(found)
         elif reason != "eval_split":
             skipped[reason] += 1
-    k = rehearsal_size(len(train), spec.traces.rehearsal_fraction)
+    k = rehearsal_size(n_sessions, spec.traces.rehearsal_fraction)
     rehearsal = examples((key for _, key in sorted(sel.rehearsal[:k])), aside)
     train += rehearsal
     if aside["oversized"]:
