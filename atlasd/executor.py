@@ -39,6 +39,7 @@ class RunHandle:
     run_dir: Path
     started_at: float = field(default_factory=time.time)
     process: asyncio.subprocess.Process | None = None  # None when re-attached after a daemon restart
+    stdout_offset: int = 0  # where ``events`` starts reading the output (re-attached: what was read before)
 
     @property
     def stdout_log(self) -> Path:
@@ -75,6 +76,11 @@ class Executor(Protocol):
     def alive(self, pid: int, pgid: int, run_dir: Path) -> bool: ...
 
     async def reap(self, pid: int, pgid: int, run_dir: Path, grace_s: float) -> bool: ...
+
+    async def attach(self, run_id: int, run_dir: Path) -> RunHandle | None:
+        """After a daemon restart: a handle on the run's trainer still running (its output, wait and
+        cancel as if just submitted), or None when it cannot be followed again (then it is reaped)."""
+        ...
 
     def logs(self, run_dir: Path) -> tuple[Path, Path]: ...
 
@@ -197,6 +203,11 @@ class LocalExecutor:
         while _group_exists(pgid):
             await asyncio.sleep(0.05)
         return True
+
+    async def attach(self, run_id: int, run_dir: Path) -> RunHandle | None:
+        """Never: a child's stdout is a pipe to the daemon that started it (gone with it), so an
+        orphaned child is reaped and its run resumed instead."""
+        return None
 
     def logs(self, run_dir: Path) -> tuple[Path, Path]:
         return run_dir / "stdout.jsonl", run_dir / "stderr.log"

@@ -34,9 +34,12 @@ retryable registry error puts the run back in the queue with backoff (``queue.de
 attempt spent.
 
 Reconcile, at start and every ``poll_interval_s`` while idle: a run ``running`` without a
-supervised child (a daemon that died, a write that could not be made) has its child stopped if
-it is still alive on this host, and is concluded as succeeded when its ``result.json`` says so,
-else as interrupted (resumed per the policy; a trainer that lost its daemon fails on its own);
+supervised child (a daemon that died, a write that could not be made) whose trainer the executor
+can follow again (``Executor.attach``: a Slurm job still in the queue) is re-attached: supervised
+and concluded like a run just started, before anything is claimed, never started twice. Else its
+child is stopped if it is still alive on this host, and the run is concluded as succeeded when
+its ``result.json`` says so, else as interrupted (resumed per the policy; a trainer that lost its
+daemon fails on its own);
 a succeeded run without a registration row gets one; a failed/interrupted run whose follow-up
 was left undecided (its policy was not loaded) gets it once the policy is.
 The child of the run under way is also remembered in ``STATE_DIR/runner-child.json`` so that a
@@ -143,6 +146,7 @@ class RunnerComponent(Component):
         self._registrar = registrar
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._attached: list[tuple[queue.Run, RunSpec, RunHandle]] = []  # re-attached by the reconcile, to follow
 
     # ------------------------------------------------------------------ component interface
     async def start(self, daemon) -> None:
@@ -197,14 +201,29 @@ class RunnerComponent(Component):
     async def reconcile(self, *, at_start: bool = False) -> int:
         """Complete every run left without its outcome, registration or follow-up (module doc);
         returns how many. One run that cannot be completed is logged and left for the next time."""
-        reaped = await self._reap_remembered_child()
         orphans = await self._db("list running runs", lambda conn: queue.list_runs(conn, states=["running"]))
+        kept = {run.id for run, _, _ in self._attached}  # re-attached, not yet followed: not orphans
+        repaired = 0
+        for run in orphans:
+            if run.id in kept:
+                continue
+            try:
+                attached = await self._reattach(run)
+            except Exception:  # e.g. Slurm's controller unreachable: neither followed nor concluded yet
+                self.log.exception("cannot look for the run's live trainer; left for the next reconcile",
+                                   run_id=run.id)
+                kept.add(run.id)
+                continue
+            if attached is not None:
+                self._attached.append((run, *attached))
+                kept.add(run.id)
+                repaired += 1
+        reaped = await self._reap_remembered_child(kept)
         unregistered = await self._db("list unregistered runs", queue.unregistered_runs)
         undecided = await self._db("list undecided runs", queue.undecided_runs)
-        repairs = ([(run, self._recover(run, at_start, reaped == run.id)) for run in orphans]
+        repairs = ([(run, self._recover(run, at_start, reaped == run.id)) for run in orphans if run.id not in kept]
                    + [(run, self._register_late(run)) for run in unregistered]
                    + [(run, self._decide_late(run)) for run in undecided])
-        repaired = 0
         for run, repair in repairs:
             try:
                 repaired += await repair
@@ -214,6 +233,25 @@ class RunnerComponent(Component):
         if repaired:
             self.log.info("reconciled", repaired=repaired)
         return repaired
+
+    async def _reattach(self, run: queue.Run) -> tuple[RunSpec, RunHandle] | None:
+        """The recorded spec of a running run and the executor's handle on its trainer still at work
+        (``Executor.attach``), when the run can be supervised again: its policy and gear loaded,
+        its spec recorded. The handle's start is the run's (the wall-clock limit counts from it)."""
+        policy = self.policies.get(run.policy)
+        if not run.output_dir or policy is None or run.gear not in policy.gears:
+            return None
+        try:
+            spec = RunSpec.model_validate(run.spec)
+        except ValueError:  # no spec recorded (or not one): nothing to supervise it by
+            return None
+        handle = await self.executor.attach(run.id, Path(run.output_dir))
+        if handle is None:
+            return None
+        handle.started_at = run.started_at.timestamp() if run.started_at else handle.started_at
+        self.log.warning("re-attached to the run's live trainer", run_id=run.id, policy=run.policy, gear=run.gear,
+                         pid=handle.pid)
+        return spec, handle
 
     async def _recover(self, run: queue.Run, at_start: bool, reaped: bool) -> int:
         """A running run without a supervised child: stop its child if still alive here (``reaped``:
@@ -259,9 +297,10 @@ class RunnerComponent(Component):
         self._wake.set()
         return 1
 
-    async def _reap_remembered_child(self) -> int | None:
+    async def _reap_remembered_child(self, attached: set[int]) -> int | None:
         """The child named in ``runner-child.json``, if alive, belongs to no supervised run: stop
-        it. Returns the id of its run when it was stopped."""
+        it, unless its run is re-attached (``attached``: run ids). Returns the id of its run when
+        it was stopped."""
         reaped = None
         try:
             child = json.loads(self.child_file.read_text())
@@ -271,6 +310,8 @@ class RunnerComponent(Component):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.log.warning("unreadable runner-child.json; ignored", error=str(exc))
         else:
+            if run_id in attached:
+                return None
             if await self.executor.reap(pid, pgid, run_dir, self.settings.child_stop_timeout_s):
                 self.log.warning("orphaned trainer stopped", run_id=run_id, pid=pid)
                 reaped = run_id
@@ -292,15 +333,17 @@ class RunnerComponent(Component):
                     self.log.exception("reconcile failed")
                 next_reconcile = time.monotonic() + self.settings.poll_interval_s
             async with self.daemon.gpu_slot:  # not while a champion is re-measured for a registration
+                run, spec, attached = self._attached.pop(0) if self._attached else (None, None, None)
                 try:
-                    async with self.daemon.pool.connection() as conn:
-                        run = await queue.claim_next(conn)
+                    if run is None:
+                        async with self.daemon.pool.connection() as conn:
+                            run = await queue.claim_next(conn)
                 except psycopg.Error as exc:
                     self.log.warning("cannot claim a run; retrying", error=safe_error(exc))
                     run = None
                 if run is not None:
                     try:
-                        await self._execute(run)
+                        await (self._execute(run) if attached is None else self._follow_attached(run, spec, attached))
                     except Exception as exc:  # the runner must survive anything one run does
                         self.log.exception("run failed in the runner", run_id=run.id)
                         await self._abandon(run, exc)
@@ -327,6 +370,11 @@ class RunnerComponent(Component):
                                  self.log.bind(run_id=run.id))
         except Exception:
             self.log.exception("cannot record the run's failure; the reconcile will", run_id=run.id)
+
+    async def _follow_attached(self, run: queue.Run, spec: RunSpec, handle: RunHandle) -> None:
+        """A run re-attached by the reconcile, supervised from its recorded spec."""
+        log = self.log.bind(run_id=run.id, policy=run.policy, gear=run.gear)
+        await self._follow(run, self.policies.get(run.policy), spec, handle, log)
 
     async def _execute(self, run: queue.Run) -> None:
         log = self.log.bind(run_id=run.id, policy=run.policy, gear=run.gear)
@@ -359,15 +407,20 @@ class RunnerComponent(Component):
             env["CUDA_VISIBLE_DEVICES"] = self.settings.cuda_visible_devices
 
         handle = await self.executor.submit(run.id, spec_path, run_dir, env)
-        self.current = handle
-        self._remember_child(handle)
         log.info("run started", pid=handle.pid, trigger=run.trigger, window_lo=run.window_lo,
                  window_hi=run.window_hi, student=spec.student, champion_version=spec.champion_version,
                  resume=spec.resume, attempt=run.attempt)
+        await self._follow(run, policy, spec, handle, log)
+
+    async def _follow(self, run: queue.Run, policy: Policy, spec: RunSpec, handle: RunHandle, log) -> None:
+        """Supervise the trainer behind ``handle`` (just submitted, or re-attached after a daemon
+        restart) to its end and record the run's outcome."""
+        self.current = handle
+        self._remember_child(handle)
 
         async def record(conn: psycopg.AsyncConnection) -> queue.Run:
             return await queue.record_process(
-                conn, run.id, pid=handle.pid, pgid=handle.pgid, host=self.host, output_dir=str(run_dir),
+                conn, run.id, pid=handle.pid, pgid=handle.pgid, host=self.host, output_dir=str(Path(spec.output_dir)),
                 spec=spec.model_dump(mode="json"), champion_version=spec.champion_version,
             )
 
@@ -433,6 +486,7 @@ class RunnerComponent(Component):
         """Until the child's output ends. Any fault (the pump, the process record, a bug here)
         stops the child; the loop keeps reading its output while it checkpoints."""
         sup = Supervision()
+        sup.metrics = dict(run.metrics or {})  # a re-attached run's last metrics stand until new lines come
         events: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -447,8 +501,8 @@ class RunnerComponent(Component):
 
         reader = asyncio.create_task(pump(), name=f"run-{run.id}-stdout")
         limit: timedelta = policy.gears[run.gear].wall_clock_limit
-        started = time.monotonic()
-        last_line = last_progress = started
+        last_line = last_progress = time.monotonic()
+        started = last_line - max(0.0, time.time() - handle.started_at)  # a re-attached run began before
         last_write = 0.0
         dirty = True
         recorded = False

@@ -15,13 +15,20 @@ the place of the child's pid and pgid (run row, ``runner-child.json``). Only the
   resume whose parent's job outlived its daemon) is stopped first: never two trainers in one folder.
 - events: the job's stdout (``RUN_DIR/slurm-ID.out``, on the shared filesystem) is tailed as it
   grows; each line is appended to ``stdout.jsonl`` and yielded like the local executor does
-  (over-long lines skipped with an ``output_skipped`` event) until the job has left the queue.
+  (over-long lines skipped with an ``output_skipped`` event) until the job has left the queue. How
+  far it was read is kept in ``RUN_DIR/slurm-ID.read`` (a byte offset, after each batch of lines).
+- attach (a daemon restart while the job runs): the job still in the queue under the run's name in
+  the run folder is followed again, its stdout read on from ``slurm-ID.read`` (lines the previous
+  daemon consumed are not yielded twice); wait and cancel as for a job just submitted.
 - wait: ``squeue -h -j ID -o %T`` until the job has left the queue (or shows a final state), then
-  ``sacct -n -P -X -j ID -o State,ExitCode`` (``N:M``: exit status N, signal M).
+  ``sacct -n -P -X -j ID -o State,ExitCode`` (``N:M``: exit status N, signal M). Without accounting
+  storage (sacct: "accounting storage is disabled") or when sacct never learns of the job:
+  ``scontrol -o show job ID`` (``JobState``, ``ExitCode``: the controller keeps a finished job for
+  ``MinJobAge``, 300 s by default), else the trainer's ``result.json``.
 - cancel: ``scancel --signal=TERM --batch ID`` (the trainer checkpoints and exits 75), ``scancel ID``
   after the grace period. A job still pending is cancelled at once.
-- alive / reap (the runner's reconcile after a daemon restart): the job id (pgid) counts only when
-  the run folder's ``slurm-jobs.jsonl`` names it (the analogue of the local executor's
+- alive / reap (the runner's reconcile, for a run it does not re-attach): the job id (pgid) counts
+  only when the run folder's ``slurm-jobs.jsonl`` names it (the analogue of the local executor's
   working-folder check against pid reuse); live jobs are also found by name
   (``squeue -h -n atlasd-run-ID``), covering a daemon that died between sbatch and recording the id.
 """
@@ -32,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -56,6 +64,7 @@ FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF
 PENDING_STATES = frozenset({"PENDING", "REQUEUE_HOLD", "REQUEUED"})  # not started: nothing to checkpoint
 CLI_TIMEOUT_S = 60.0
 SACCT_WAIT_S = 60.0  # accounting may lag the queue: sacct is asked again for this long
+NO_ACCOUNTING = "accounting storage is disabled"  # sacct's answer on a cluster without slurmdbd
 KILL_WAIT_S = 300.0  # after scancel, how long the job may take to leave the queue before it is given up on
 TAIL_SLEEP_S = 0.1
 CHUNK = 1 << 20
@@ -72,13 +81,13 @@ class SlurmError(RuntimeError):
 @dataclass(frozen=True)
 class SlurmExitInfo(ExitInfo):
     job_id: int = 0
-    state: str | None = None  # sacct State (None: accounting did not know the job)
-    exit_code: str | None = None  # sacct ExitCode N:M
+    state: str | None = None  # sacct State or scontrol JobState (None: neither knew the job)
+    exit_code: str | None = None  # ExitCode N:M
 
     def describe(self) -> str:
         where = f"slurm job {self.job_id}"
         if self.state is None:
-            return f"{where} left the queue (exit status unknown: sacct has no record of it)"
+            return f"{where} left the queue (exit status unknown: neither sacct nor scontrol knows it)"
         if self.signal is not None:
             return f"{where} {self.state}: killed by signal {_signame(self.signal)}"
         if self.returncode is None:
@@ -210,12 +219,16 @@ class SlurmExecutor:
         return ids
 
     async def accounting(self, job_id: int) -> tuple[str, str] | None:
-        """sacct's (State, ExitCode) of the job allocation, once accounting has it."""
+        """sacct's (State, ExitCode) of the job allocation, once accounting has it; None at once
+        on a cluster without accounting storage."""
         deadline = time.monotonic() + SACCT_WAIT_S
         while True:
             with contextlib.suppress(SlurmError):
-                _, out, _ = await self._cli("sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State,ExitCode")
-                for line in out.splitlines():
+                rc, out, err = await self._cli("sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State,ExitCode",
+                                               check=False)
+                if rc != 0 and NO_ACCOUNTING in err.lower():
+                    return None
+                for line in out.splitlines() if rc == 0 else []:
                     state, sep, code = line.strip().partition("|")
                     if sep and state and state.split()[0] not in ("PENDING", "RUNNING", "COMPLETING"):
                         return state, code
@@ -223,9 +236,31 @@ class SlurmExecutor:
                 return None
             await asyncio.sleep(min(self.poll_s, 2.0))
 
+    async def controller_record(self, job_id: int) -> tuple[str, str] | None:
+        """(JobState, ExitCode) of an ended job from ``scontrol -o show job``, while the controller
+        still holds it (``MinJobAge`` after its end); None once it forgot the job."""
+        try:
+            rc, out, _ = await self._cli("scontrol", "-o", "show", "job", str(job_id), check=False)
+        except SlurmError:
+            return None
+        state, code = re.search(r"\bJobState=(\S+)", out), re.search(r"\bExitCode=(\d+:\d+)", out)
+        if rc != 0 or state is None or code is None or state[1] not in FINAL_STATES:
+            return None
+        return state[1], code[1]
+
     # ------------------------------------------------------------------ files
     def _out_file(self, run_dir: Path, run_id: int) -> Path:
         return run_dir / f"slurm-{run_id}.out"
+
+    def _read_file(self, run_dir: Path, run_id: int) -> Path:
+        return run_dir / f"slurm-{run_id}.read"
+
+    def _read_offset(self, run_dir: Path, run_id: int) -> int:
+        """How far the job's stdout was consumed (0 when unknown: read from the start)."""
+        try:
+            return max(0, int(self._read_file(run_dir, run_id).read_text()))
+        except (OSError, ValueError):
+            return 0
 
     def _record(self, run_dir: Path, **record: Any) -> None:
         with (run_dir / JOBS_FILE).open("a") as fh:
@@ -270,12 +305,9 @@ class SlurmExecutor:
                     self.log.warning("stopping a live job of an earlier run in the same folder", run_id=run_id,
                                      job_id=job_id, job_name=record["name"])
                     await self._stop(job_id, self.settings.child_stop_timeout_s)
-        live = await self.live_jobs_named(name, run_dir)
-        if live:  # submitted before (a restart): follow that job, never a second one
-            job_id = live[0]
-            self.log.warning("re-attached to the run's live Slurm job", run_id=run_id, job_id=job_id)
-            self._record(run_dir, run_id=run_id, name=name, job_id=job_id)
-            return RunHandle(run_id=run_id, pid=job_id, pgid=job_id, run_dir=run_dir)
+        attached = await self.attach(run_id, run_dir)
+        if attached is not None:  # submitted before (a restart): follow that job, never a second one
+            return attached
         script = self._script(run_id, spec_path, run_dir)
         self._record(run_dir, run_id=run_id, name=name, job_id=None)  # found by name if we die before the id
         _, out, _ = await self._cli(*self.sbatch_argv(run_id, run_dir, script), env=sbatch_env(env))
@@ -287,9 +319,26 @@ class SlurmExecutor:
         self.log.info("slurm job submitted", run_id=run_id, job_id=job_id, job_name=name)
         return RunHandle(run_id=run_id, pid=job_id, pgid=job_id, run_dir=run_dir)
 
+    async def attach(self, run_id: int, run_dir: Path) -> RunHandle | None:
+        """The run's job still in the queue (by its name, working in ``run_dir``), followed again
+        from where its stdout was read; None when there is none."""
+        run_dir = run_dir.resolve()
+        live = await self.live_jobs_named(job_name(run_id), run_dir)
+        if not live:
+            return None
+        job_id = live[0]
+        if not self._ours(job_id, run_dir):  # the daemon died between sbatch and recording the id
+            self._record(run_dir, run_id=run_id, name=job_name(run_id), job_id=job_id)
+        self.log.warning("re-attached to the run's live Slurm job", run_id=run_id, job_id=job_id)
+        return RunHandle(run_id=run_id, pid=job_id, pgid=job_id, run_dir=run_dir,
+                         stdout_offset=self._read_offset(run_dir, run_id))
+
     async def events(self, handle: RunHandle) -> AsyncIterator[dict[str, Any]]:
-        """The job's stdout lines as they are written, until the job has left the queue."""
+        """The job's stdout lines as they are written, from ``handle.stdout_offset``, until the job
+        has left the queue; the offset read so far is kept in ``slurm-ID.read``."""
         path = self._out_file(handle.run_dir, handle.run_id)
+        progress = self._read_file(handle.run_dir, handle.run_id)
+        consumed = saved = handle.stdout_offset  # the end of the last whole line read (kept or skipped)
         buf = b""
         skipping = 0  # >0: inside an over-long line, this many bytes of it discarded so far
         gone = False
@@ -301,6 +350,7 @@ class SlurmExecutor:
                     if fh is None:
                         with contextlib.suppress(FileNotFoundError):
                             fh = path.open("rb")
+                            fh.seek(consumed)
                     chunk = fh.read(CHUNK) if fh is not None else b""
                     if chunk:
                         buf += chunk
@@ -312,6 +362,7 @@ class SlurmExecutor:
                                     buf = b""
                                     break
                                 skipped, skipping, buf = skipping + cut + 1, 0, buf[cut + 1:]
+                                consumed += skipped
                                 yield _skipped(skipped)
                                 continue
                             cut = buf.find(b"\n")
@@ -321,14 +372,20 @@ class SlurmExecutor:
                                 break
                             if cut + 1 > LINE_LIMIT_BYTES:
                                 skipped, buf = cut + 1, buf[cut + 1:]
+                                consumed += skipped
                                 yield _skipped(skipped)
                                 continue
                             raw, buf = buf[: cut + 1], buf[cut + 1:]
+                            consumed += len(raw)
                             event = _keep(raw, log)
                             if event is not None:
                                 yield event
+                        if consumed != saved:
+                            saved = _save_offset(progress, consumed)
                         continue
                     if gone:  # the job has ended and its output is read to the end
+                        if skipping or buf:
+                            _save_offset(progress, consumed + skipping + len(buf))
                         if skipping:
                             yield _skipped(skipping + len(buf))
                         elif buf:
@@ -353,12 +410,12 @@ class SlurmExecutor:
         return await self._exit_info(handle.pgid, handle.run_dir, handle.run_id)
 
     async def _exit_info(self, job_id: int, run_dir: Path, run_id: int) -> SlurmExitInfo:
-        acct = await self.accounting(job_id)
+        acct = await self.accounting(job_id) or await self.controller_record(job_id)
         tail = read_tail(run_dir / "stderr.log")
-        if acct is None:  # no accounting (no slurmdbd): what the trainer's result.json says, if anything
+        if acct is None:  # neither accounting nor the controller knows it: what the trainer's result.json says
             rc = _result_exit(run_dir, run_id)
-            self.log.warning("sacct has no record of the job; exit inferred from result.json", job_id=job_id,
-                             returncode=rc)
+            self.log.warning("neither sacct nor scontrol knows the job; exit inferred from result.json",
+                             job_id=job_id, returncode=rc)
             return SlurmExitInfo(returncode=rc, signal=None, stderr_tail=tail, job_id=job_id)
         state, code = acct
         rc, sig = parse_exit(state, code)
@@ -433,6 +490,14 @@ def _result_exit(run_dir: Path, run_id: int) -> int | None:
     if not isinstance(result, dict) or result.get("run_id") != run_id:
         return None
     return {"succeeded": 0, "interrupted": EXIT_INTERRUPTED}.get(result.get("status"))
+
+
+def _save_offset(path: Path, offset: int) -> int:
+    """Record how far the job's stdout was consumed (atomically: a restart reads a whole number)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(offset))
+    tmp.replace(path)
+    return offset
 
 
 def _skipped(nbytes: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 from atlasd.db.migrate import init_sdk_schema, migrate  # noqa: E402
 from atlasd.testing import pg  # noqa: E402
+from tests.slurm_cluster import SlurmCluster, start_cluster, unavailable as slurm_unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
     teacher, student = build_tiny_pair(tmp_path_factory.mktemp("tiny_models"))
     return str(teacher), str(student)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A real single-node Slurm for the session (tests/slurm_cluster.py); its client configuration
+    is ``cluster.conf`` (``SLURM_CONF``). Skips naming what is missing (binaries, root)."""
+    why = slurm_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm-cluster"))
+    yield cluster
+    cluster.stop()

@@ -1,13 +1,17 @@
-"""Stand-in Slurm CLI for tests/test_slurm.py: ``sbatch``, ``squeue``, ``sacct``, ``scancel`` (and
-``slurmd``, the detached process that runs one job), the subset of the Slurm contract atlasd uses.
-Jobs live in ``$SLURM_STANDIN_DIR/state.json``; every call is logged to ``calls.jsonl``.
+"""Stand-in Slurm CLI for tests/test_slurm.py: ``sbatch``, ``squeue``, ``sacct``, ``scontrol``,
+``scancel`` (and ``slurmd``, the detached process that runs one job), the subset of the Slurm
+contract atlasd uses. Jobs live in ``$SLURM_STANDIN_DIR/state.json``; every call is logged to
+``calls.jsonl``. ``record REAL_COMMAND ARGS...`` only logs the call, then execs the real command
+(the same call log in front of the real cluster of tests/slurm_cluster.py).
 
 - sbatch [--parsable] --job-name= --output= --error= --chdir= ... SCRIPT: runs ``bash SCRIPT`` in the
   background in its own process group with sbatch's environment (``--export=ALL``), stdout/stderr
   appended to the files named; prints the job id.
 - squeue -h (-j ID | -n NAME) -o FMT (%i %T %j %Z): jobs still known, finished ones in their final state
   (like MinJobAge); an unknown id: "Invalid job id specified", exit 1.
-- sacct -n -P [-X] -j ID -o State,ExitCode: ``STATE|N:M``.
+- sacct -n -P [-X] -j ID -o State,ExitCode: ``STATE|N:M`` (nothing with ``$SLURM_STANDIN_NO_ACCOUNTING``).
+- scontrol -o show job ID: ``JobId=ID JobName=NAME JobState=STATE ExitCode=N:M`` (an invalid job id,
+  as once ``MinJobAge`` has passed, with ``$SLURM_STANDIN_FORGET``).
 - scancel [--signal=SIG] [--batch] ID: with --signal the signal goes to the batch shell (--batch)
   or the job's process group; without, the job is cancelled (SIGTERM, SIGKILL after 1 s).
 """
@@ -127,6 +131,18 @@ def sacct(argv: list[str]) -> int:
     return 0
 
 
+def scontrol(argv: list[str]) -> int:
+    job_id = argv[-1]
+    with state() as s:
+        job = s["jobs"].get(job_id)
+    if job is None or os.environ.get("SLURM_STANDIN_FORGET"):
+        print("slurm_load_jobs error: Invalid job id specified", file=sys.stderr)
+        return 1
+    final = job["state"] in FINAL
+    print(f"JobId={job_id} JobName={job['name']} JobState={job['state']} ExitCode={job['exit'] if final else '0:0'}")
+    return 0
+
+
 def scancel(argv: list[str]) -> int:
     o, rest = opts(argv)
     job_id = rest[0]
@@ -155,13 +171,19 @@ def scancel(argv: list[str]) -> int:
 
 def main() -> int:
     command, argv = sys.argv[1], sys.argv[2:]
+    real = None
+    if command == "record":
+        real, argv = argv[0], argv[1:]
+        command = Path(real).name
     if command != "slurmd":
         secrets = ("ATLASD_DB_URL", "PGPASSWORD", "MLFLOW_TRACKING_URI", "ATLASD_MLFLOW_TRACKING_URI",
                    "CUDA_VISIBLE_DEVICES")
         with (ROOT / "calls.jsonl").open("a") as log:
             log.write(json.dumps({"command": command, "argv": argv, "at": time.time(),
                                   "env": sorted(k for k in secrets if k in os.environ)}) + "\n")
-    return {"sbatch": sbatch, "squeue": squeue, "sacct": sacct, "scancel": scancel,
+    if real is not None:
+        os.execv(real, [real, *argv])
+    return {"sbatch": sbatch, "squeue": squeue, "sacct": sacct, "scontrol": scontrol, "scancel": scancel,
             "slurmd": lambda a: slurmd(a[0])}[command](argv)
 
 

@@ -1,6 +1,8 @@
 """The Slurm executor (ATLASD_EXECUTOR=slurm) against a stand-in Slurm CLI (tests/slurm_standin.py:
-sbatch, squeue, sacct, scancel first on PATH, jobs in a JSON file, each job a background process
-group), with the real runner and the chaos suite's stand-in trainer (tests/test_runfault.py)."""
+sbatch, squeue, sacct, scontrol, scancel first on PATH, jobs in a JSON file, each job a background
+process group), with the real runner and the chaos suite's stand-in trainer (tests/test_runfault.py).
+The runner scenarios (``@ON_BOTH``) run a second time on a real single-node Slurm
+(tests/slurm_cluster.py: the session fixture ``slurm_cluster``; skipped where it cannot start)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +20,14 @@ import pytest
 from atlasd.executor import executor_for
 from atlasd.settings import load_settings
 from atlasd.slurm import SlurmError, SlurmExecutor, executor_info, parse_exit
+from tests.chaos.harness import Chaos
+from tests.chaos.invariants import assert_invariants as assert_chaos_invariants
 from tests.test_runfault import (
-    STANDIN,
     Harness,
     assert_invariants,
     enqueue,
+    registrations,
     runs,
-    sql,
     until,
     wait_state,
     write_policy,
@@ -32,15 +36,24 @@ from tests.test_runfault import (
 STANDIN_CLI = Path(__file__).with_name("slurm_standin.py")
 
 
+SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scontrol", "scancel")
+ON_BOTH = pytest.mark.parametrize("slurm", ["stand-in", "cluster"], indirect=True)
+
+
 @pytest.fixture()
-def slurm(tmp_path, monkeypatch) -> Path:
-    """The stand-in Slurm CLI first on PATH; returns its state folder."""
+def slurm(request, tmp_path, monkeypatch) -> Path:
+    """The Slurm CLI first on PATH, every call logged to ``calls.jsonl`` in the returned folder: the
+    stand-in's commands, or (``@ON_BOTH``'s "cluster") the real ones of the session's cluster."""
     root, bin_dir = tmp_path / "slurm", tmp_path / "slurm-bin"
     root.mkdir()
     bin_dir.mkdir()
-    for command in ("sbatch", "squeue", "sacct", "scancel"):
+    real = getattr(request, "param", "stand-in") == "cluster"
+    if real:
+        monkeypatch.setenv("SLURM_CONF", str(request.getfixturevalue("slurm_cluster").conf))
+    for command in SLURM_COMMANDS:
         exe = bin_dir / command
-        exe.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN_CLI} {command} "$@"\n')
+        target = f"record {shutil.which(command)}" if real else command
+        exe.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN_CLI} {target} "$@"\n')
         exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_STANDIN_DIR", str(root))
@@ -62,6 +75,13 @@ def slurm_harness(db_url: str, tmp_path: Path, monkeypatch, **kw) -> Harness:
     h = Harness(db_url, tmp_path, monkeypatch, **{**SLURM_SETTINGS, "slurm_shared_dir": tmp_path, **kw})
     h.runner.executor = SlurmExecutor(h.settings, command=[sys.executable, str(tmp_path / "standin.py")])
     return h
+
+
+async def job_state(job_id: int) -> str | None:
+    """The job's state as squeue shows it (stand-in or real); None once it is no longer listed."""
+    out = await asyncio.to_thread(subprocess.run, ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                                  capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 async def cli(*argv: str, env_db: str) -> str:
@@ -192,6 +212,7 @@ async def test_reap_finds_an_unrecorded_job_by_name_and_a_resume_stops_its_paren
 
 async def test_over_long_lines_are_skipped_and_without_accounting_result_json_decides(tmp_path, slurm, monkeypatch):
     monkeypatch.setenv("SLURM_STANDIN_NO_ACCOUNTING", "1")  # sacct knows no job (no slurmdbd)
+    monkeypatch.setenv("SLURM_STANDIN_FORGET", "1")  # nor the controller (MinJobAge has passed)
     monkeypatch.setattr("atlasd.slurm.SACCT_WAIT_S", 0.5)
     run_dir = tmp_path / "runs" / "run-4"
     child = tmp_path / "long.py"
@@ -207,10 +228,23 @@ async def test_over_long_lines_are_skipped_and_without_accounting_result_json_de
     assert events[1]["bytes"] == (9 << 20) + 3
     assert "xxxx" not in (run_dir / "stdout.jsonl").read_text()
     info = await executor.wait(handle)
-    assert info.returncode == 75 and info.state is None and "sacct has no record" in info.describe()
+    assert info.returncode == 75 and info.state is None and "neither sacct nor scontrol" in info.describe()
+
+
+async def test_without_accounting_the_controller_tells_the_exit(tmp_path, slurm, monkeypatch):
+    monkeypatch.setenv("SLURM_STANDIN_NO_ACCOUNTING", "1")
+    monkeypatch.setattr("atlasd.slurm.SACCT_WAIT_S", 0.5)
+    child = tmp_path / "fail.py"
+    child.write_text("import sys\nsys.exit(3)\n")
+    executor = SlurmExecutor(load_settings(state_dir=tmp_path, slurm_poll_s=0.2), command=[sys.executable, str(child)])
+    handle = await executor.submit(2, tmp_path / "spec.json", tmp_path / "runs" / "run-2", {**os.environ})
+    info = await executor.wait(handle)
+    assert (info.returncode, info.state, info.exit_code) == (3, "FAILED", "3:0")
+    assert calls(slurm, "scontrol")[-1]["argv"] == ["-o", "show", "job", str(handle.pgid)]
 
 
 # ---------------------------------------------------------------------------------- the real runner
+@ON_BOTH
 async def test_a_run_succeeds_as_a_slurm_job_and_its_lines_are_streamed(db_url, tmp_path, monkeypatch, slurm):
     write_policy(tmp_path / "policies", "math")
     run_id = await enqueue(db_url)
@@ -220,7 +254,7 @@ async def test_a_run_succeeds_as_a_slurm_job_and_its_lines_are_streamed(db_url, 
     assert done["metrics"]["step"] == 6 and done["exit_code"] == 0
     [sbatch] = calls(slurm, "sbatch")
     job_id = done["pid"]
-    assert done["pgid"] == job_id and job_id == 1001
+    assert done["pgid"] == job_id and job_id > 0
     argv = sbatch["argv"]
     run_dir = Path(done["output_dir"])
     assert {"--parsable", f"--job-name=atlasd-run-{run_id}", "--signal=B:TERM@120", "--export=ALL",
@@ -242,10 +276,12 @@ async def test_a_run_succeeds_as_a_slurm_job_and_its_lines_are_streamed(db_url, 
     await assert_invariants(db_url)
 
 
+@ON_BOTH
 async def test_cancel_sends_sigterm_first_and_the_checkpointed_run_is_cancelled(db_url, tmp_path, monkeypatch, slurm):
     write_policy(tmp_path / "policies", "math")
     run_id = await enqueue(db_url)
-    async with slurm_harness(db_url, tmp_path, monkeypatch, plan={"*": {"steps": 200, "step_s": 0.05}}) as h:
+    plan = {"*": {"steps": 8, "wait_at": 3, "wait_file": str(tmp_path / "never")}}  # holds at 3 until stopped
+    async with slurm_harness(db_url, tmp_path, monkeypatch, plan=plan) as h:
         async def at_step_3():
             row = (await runs(db_url))[run_id]
             return (row["metrics"] or {}).get("step", 0) >= 3 and row["pid"] and row
@@ -254,7 +290,7 @@ async def test_cancel_sends_sigterm_first_and_the_checkpointed_run_is_cancelled(
         running = status["training"]["running"]
         assert (running["run_id"], running["executor"], running["job_id"]) == (run_id, "slurm", row["pid"])
         text = await cli("status", env_db=db_url)
-        assert re.search(rf"executor\s+slurm\n", text) and re.search(rf"job_id\s+{row['pid']}\n", text)
+        assert re.search(r"executor\s+slurm\n", text) and re.search(rf"job_id\s+{row['pid']}\n", text)
         await cli("cancel", str(run_id), env_db=db_url)
         done = await wait_state(db_url, run_id, {"cancelled", "failed", "succeeded"})
     assert done["state"] == "cancelled" and done["exit_code"] == 75, done["error"]
@@ -262,7 +298,7 @@ async def test_cancel_sends_sigterm_first_and_the_checkpointed_run_is_cancelled(
     job = str(done["pid"])
     assert [c["argv"] for c in calls(slurm, "scancel")] == [["--signal=TERM", "--batch", job]]  # it exited in time
     [exit_] = h.exited()
-    assert exit_["exit_code"] == 75 and 3 <= exit_["step"] < 200
+    assert (exit_["exit_code"], exit_["step"]) == (75, 3)
     assert Path(done["output_dir"], "checkpoints", f"step-{exit_['step']}").is_dir()
     await assert_invariants(db_url)
 
@@ -289,39 +325,77 @@ async def daemon_dies_at_step_3(db_url, tmp_path, monkeypatch) -> tuple[int, dic
     return run_id, row, plan, gate
 
 
-async def test_a_daemon_restart_stops_the_live_job_as_for_a_local_child_and_resumes(db_url, tmp_path, monkeypatch,
-                                                                                     slurm):
+@ON_BOTH
+async def test_a_daemon_restart_reattaches_to_the_live_job(db_url, tmp_path, monkeypatch, slurm):
     """The daemon dies (no stop) while its job runs on: the job lives on (its output goes to a file,
-    no broken pipe). The next start's reconcile finds it (runner-child.json / run row: the job id)
-    and stops it like an orphaned local child: SIGTERM, checkpoint, exit 75; the run is interrupted
-    and resumed from that checkpoint by one new job. No run gets a second sbatch."""
+    no broken pipe). The next start's reconcile finds it by its name in the run folder and follows
+    it again: its output from where the dead daemon had read it, its end, its outcome, as for a job
+    just submitted. No second sbatch, nothing cancelled, one run, one outcome."""
     run_id, row, plan, gate = await daemon_dies_at_step_3(db_url, tmp_path, monkeypatch)
     assert (tmp_path / "state" / "runner-child.json").exists()
-    state = json.loads((slurm / "state.json").read_text())
-    assert state["jobs"][str(row["pid"])]["state"] == "RUNNING"  # the job outlived its daemon
+    assert await job_state(row["pid"]) == "RUNNING"  # the job outlived its daemon
     async with slurm_harness(db_url, tmp_path, monkeypatch, plan=plan) as h2:
-        first = await wait_state(db_url, run_id, {"interrupted", "failed", "succeeded"})
-        assert first["state"] == "interrupted" and first["follow_up"] == "resume", (first["error"], first["follow_up"])
-        resumed = await until(lambda: _row(db_url, lambda r: r["parent_run_id"] == run_id), 10, "the resume run")
-        resumed = await wait_state(db_url, resumed["id"], {"succeeded", "failed"})
-    assert first["state"] == "interrupted" and "its orphaned trainer was stopped" in first["error"]
-    assert resumed["state"] == "succeeded" and resumed["trigger"] == "resume", resumed["error"]
-    assert [c["argv"][0] for c in calls(slurm, "scancel")] == ["--signal=TERM"]
-    names = [next(a for a in c["argv"] if a.startswith("--job-name=")) for c in calls(slurm, "sbatch")]
-    assert names == [f"--job-name=atlasd-run-{run_id}", f"--job-name=atlasd-run-{resumed['id']}"]
-    exits = {e["run_id"]: e for e in h2.exited()}
-    assert exits[run_id]["exit_code"] == 75 and exits[resumed["id"]]["resumed_from"] == exits[run_id]["step"] >= 3
-    assert h2.log.events("orphaned trainer stopped")
+        await until(lambda: asyncio.sleep(0, h2.log.events("re-attached to the run's live trainer")), 20,
+                    "the re-attach")
+        assert (await runs(db_url))[run_id]["state"] == "running"
+        gate.touch()
+        done = await wait_state(db_url, run_id, {"succeeded", "failed", "interrupted"})
+    assert done["state"] == "succeeded" and done["exit_code"] == 0, done["error"]
+    assert done["metrics"]["step"] == 8 and done["pid"] == row["pid"]
+    assert len(calls(slurm, "sbatch")) == 1 and calls(slurm, "scancel") == []
+    assert list(await runs(db_url)) == [run_id] and list(await registrations(db_url)) == [run_id]
+    [exit_] = h2.exited()
+    assert (exit_["run_id"], exit_["exit_code"], exit_["resumed_from"]) == (run_id, 0, 0)
+    assert not h2.log.events("orphaned run recovered") and not h2.log.events("orphaned trainer stopped")
+    run_dir = Path(done["output_dir"])  # every line of the job's stdout copied once: none lost, none twice
+    assert (run_dir / "stdout.jsonl").read_bytes() == (run_dir / f"slurm-{run_id}.out").read_bytes()
     await assert_invariants(db_url)
 
 
+@ON_BOTH
+async def test_a_reattached_job_is_cancelled_with_sigterm_first(db_url, tmp_path, monkeypatch, slurm):
+    run_id, row, plan, gate = await daemon_dies_at_step_3(db_url, tmp_path, monkeypatch)
+    async with slurm_harness(db_url, tmp_path, monkeypatch, plan=plan) as h2:
+        await until(lambda: asyncio.sleep(0, h2.log.events("re-attached to the run's live trainer")), 20,
+                    "the re-attach")
+        await cli("cancel", str(run_id), env_db=db_url)
+        done = await wait_state(db_url, run_id, {"cancelled", "failed", "succeeded"})
+    assert done["state"] == "cancelled" and done["exit_code"] == 75, done["error"]
+    assert "checkpoint saved at step 3" in done["error"]
+    assert [c["argv"] for c in calls(slurm, "scancel")] == [["--signal=TERM", "--batch", str(row["pid"])]]
+    assert len(calls(slurm, "sbatch")) == 1 and list(await runs(db_url)) == [run_id]
+    assert Path(done["output_dir"], "checkpoints", "step-3").is_dir()
+    await assert_invariants(db_url)
+
+
+@ON_BOTH
+async def test_a_failed_job_is_retried_in_a_new_job_that_resumes_in_its_folder(db_url, tmp_path, monkeypatch, slurm):
+    write_policy(tmp_path / "policies", "math", max_retries=1)
+    run_id = await enqueue(db_url)
+    plan = {str(run_id): {"fail_at": 3}}  # the first attempt fails after its checkpoint at step 2
+    async with slurm_harness(db_url, tmp_path, monkeypatch, plan=plan) as h:
+        failed = await wait_state(db_url, run_id, {"failed", "succeeded"})
+        retry = await until(lambda: _row(db_url, lambda r: r["parent_run_id"] == run_id), 10, "the retry run")
+        retry = await wait_state(db_url, retry["id"], {"succeeded", "failed"})
+    assert failed["state"] == "failed" and failed["exit_code"] == 1 and failed["follow_up"] == "retry"
+    assert "exited with status 1" in failed["error"] and "ValueError: a bad batch" in failed["error"]
+    assert retry["state"] == "succeeded" and (retry["trigger"], retry["attempt"]) == ("retry", 1), retry["error"]
+    assert retry["output_dir"] == failed["output_dir"] and retry["pid"] != failed["pid"]
+    names = [next(a for a in c["argv"] if a.startswith("--job-name=")) for c in calls(slurm, "sbatch")]
+    assert names == [f"--job-name=atlasd-run-{run_id}", f"--job-name=atlasd-run-{retry['id']}"]
+    exits = {e["run_id"]: e for e in h.exited()}
+    assert exits[run_id]["exit_code"] == 1 and exits[retry["id"]]["resumed_from"] == 2
+    await assert_invariants(db_url)
+
+
+@ON_BOTH
 async def test_a_job_that_finished_while_the_daemon_was_down_is_concluded_from_its_result(db_url, tmp_path,
                                                                                           monkeypatch, slurm):
     run_id, row, plan, gate = await daemon_dies_at_step_3(db_url, tmp_path, monkeypatch)
     gate.touch()  # the job runs to its end meanwhile
 
     async def finished():
-        return json.loads((slurm / "state.json").read_text())["jobs"][str(row["pid"])]["state"] == "COMPLETED"
+        return await job_state(row["pid"]) in (None, "COMPLETED")
     await until(finished, 20, "the job to complete")
     async with slurm_harness(db_url, tmp_path, monkeypatch, plan=plan):
         done = await wait_state(db_url, run_id, {"succeeded", "failed", "interrupted"})
@@ -334,6 +408,7 @@ async def _row(db_url, predicate):
     return next((r for r in (await runs(db_url)).values() if predicate(r)), None)
 
 
+@ON_BOTH
 async def test_no_password_in_the_batch_script_sbatch_argv_or_the_run_folder(db_url, tmp_path, monkeypatch, slurm):
     secret_db_url = db_url.replace("postgresql://postgres@", "postgresql://postgres:s3cr%40t-db@")
     monkeypatch.setenv("ATLASD_DB_URL", secret_db_url)
@@ -358,3 +433,33 @@ async def test_no_password_in_the_batch_script_sbatch_argv_or_the_run_folder(db_
     assert sbatch["env"] == ["ATLASD_DB_URL"]  # no PGPASSWORD, no MLflow credentials reach sbatch
     assert h.exited()[0]["credentials"] == ["ATLASD_DB_URL"]
     assert not [x for x in secrets if x in h.log.getvalue()]
+
+
+@ON_BOTH
+def test_kill_9_of_the_daemon_process_while_its_job_runs(db_url, tmp_path, slurm):
+    """The real daemon (``python -m atlasd run``, the chaos suite's stand-in trainer package) gets
+    SIGKILL while its job holds at step 3. The next daemon re-attaches to the job, which then
+    finishes the run: no second job, nothing cancelled, no resume run; the chaos invariants hold."""
+    chaos = Chaos(db_url, tmp_path)
+    try:
+        chaos.write_policy(every=10)
+        chaos.hold(1, at=3)
+        env = {"ATLASD_EXECUTOR": "slurm", "ATLASD_SLURM_POLL_S": "0.5"}
+        daemon = chaos.start_daemon(**env)
+        asyncio.run(enqueue(db_url, policy="p"))  # queued directly: the runner and Slurm are under test
+        chaos.wait_step(1, 3)
+        job = chaos.runs()[1]["pid"]
+        daemon.kill9()
+        assert asyncio.run(job_state(job)) == "RUNNING"  # the job outlived its daemon
+        daemon = chaos.start_daemon(**env)
+        daemon.wait_for("re-attached to the run's live trainer")
+        chaos.release(1)
+        done = chaos.wait_run(1, {"succeeded", "failed", "interrupted", "cancelled"})
+        assert done["state"] == "succeeded" and done["pid"] == job, done["error"]
+        assert list(chaos.runs()) == [1] and not daemon.find("orphaned run recovered")
+        assert len(calls(slurm, "sbatch")) == 1 and calls(slurm, "scancel") == []
+        assert [r["event"] for r in chaos.journal("trainer")] == ["start", "end"]
+        assert_chaos_invariants(chaos, daemon)
+        assert daemon.stop() == 0
+    finally:
+        chaos.cleanup()
