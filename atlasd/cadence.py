@@ -3,9 +3,9 @@
 Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks the gear's
 ``atlasd.policy_state`` row, so whatever fires concurrently, a threshold fires exactly once:
 
-* **batch** gear: the usable intake traces (``malformed IS NULL AND revoked_at IS NULL``) above
-  the gear's ``last_window_hi`` that pass its filters (learning_key, min_reward, max age) are
-  counted; with ``k = floor(pending / every) >= 1`` it fires once with the window ending at the
+* **batch** gear: the eligible intake traces above the gear's ``last_window_hi`` are counted
+  (``atlasd.intake.ELIGIBLE``, the trainer's definition too: usable, passing the gear's filters,
+  outside the policy's frozen eval split; so a gear firing on N traces trains on those N); with ``k = floor(pending / every) >= 1`` it fires once with the window ending at the
   ``k * every``-th of them (the rest stay pending), unless paused or within ``min_interval`` of
   its last fire. A queued batch run of the same gear absorbs the fire (coalescing). With
   ``max_wait``, fewer than ``every`` (at least ``min_traces``) fire once the oldest of them has
@@ -24,6 +24,8 @@ Each gear is evaluated by :func:`evaluate_gear`, in ONE transaction that locks t
   Changing a gear's cron expression re-arms it (ticks of the new expression before the change are
   not caught up).
 * **manual** (``atlasd trigger``): the same path, always fires, with every pending trace.
+* a policy whose eval split parameters changed while it has a champion fires nothing (the runs
+  would be refused): its gears' plans say why (:mod:`atlasd.evalsplit`).
 
 Clock steps: stored times later than ``now`` (written while the clock was ahead) are clamped to
 just before ``now`` (``state_from_row``; written back by the next evaluation), for the decision and
@@ -49,11 +51,12 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from psycopg.rows import dict_row
 
-from atlasd import intake, queue
+from atlasd import evalsplit, intake, queue
 from atlasd.component import Component
 from atlasd.db import safe_error
 from atlasd.health import Health, backoff_s
 from atlasd.logging import get_logger
+from atlasd.evalsplit import EvalSplit
 from atlasd.policies import Gear, Policy, PolicySet
 from atlasd.promotions import REJECTIONS_SINCE_PROMOTION
 from atlasd.settings import Settings
@@ -205,7 +208,11 @@ async def evaluate_gear(
                                               "last_fire_at": state.last_fire_at})
         else:
             state, _ = state_from_row(await _fetch(conn, _STATE, key), now, cron)
-        inputs = await _fetch(conn, _INPUTS, _inputs_params(policy, gear_name, state, now))
+        try:
+            split, blocked = await evalsplit.current(conn, policy, record=apply), None
+        except evalsplit.EvalSplitChanged as exc:
+            split, blocked = exc.split, str(exc)
+        inputs = {**await _fetch(conn, _INPUTS, _inputs_params(policy, gear_name, state, split, now)), "blocked": blocked}
         plan, fire_at = decide_gear(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode=mode)
         if not apply:
             return plan
@@ -247,7 +254,11 @@ def plan_gear_sync(
     key = {"policy": policy.name, "gear": gear_name}
     cur = conn.cursor(row_factory=dict_row)
     state, _ = state_from_row(cur.execute(_STATE, key).fetchone(), now, _cron_key(policy.gears[gear_name]))
-    inputs = cur.execute(_INPUTS, _inputs_params(policy, gear_name, state, now)).fetchone()
+    try:
+        split, blocked = evalsplit.current_sync(conn, policy), None
+    except evalsplit.EvalSplitChanged as exc:
+        split, blocked = exc.split, str(exc)
+    inputs = {**cur.execute(_INPUTS, _inputs_params(policy, gear_name, state, split, now)).fetchone(), "blocked": blocked}
     return decide_gear(policy, gear_name, state, inputs, now=now, catchup_window=catchup_window, mode="auto")[0]
 
 
@@ -270,16 +281,18 @@ def state_from_row(row: dict[str, Any] | None, now: datetime, cron: str | None) 
     return state, rearmed or clamped
 
 
-def _inputs_params(policy: Policy, gear_name: str, state: GearState, now: datetime) -> dict[str, Any]:
+def _inputs_params(policy: Policy, gear_name: str, state: GearState, split: EvalSplit, now: datetime) -> dict[str, Any]:
     gear = policy.gears[gear_name]
     return {
         "policy": policy.name,
         "gear": gear_name,
         "lo": state.last_window_hi,
         "every": gear.trigger.batch.every if gear.trigger.batch else None,
-        "key": policy.learning_key,
+        "learning_key": policy.learning_key,
         "min_reward": gear.filters.min_reward,
-        "max_age": timedelta(days=gear.filters.max_age_days) if gear.filters.max_age_days else None,
+        "max_age_days": gear.filters.max_age_days,
+        "split_salt": split.key_salt,
+        "split_threshold": split.threshold,
         "max_traces": gear.filters.max_traces,
         "now": now,
     }
@@ -356,6 +369,9 @@ def _decide(
 
     if gear.kind == "cron":
         plan.next_fire_at = next_tick(gear, now)
+    if counts.get("blocked"):  # the policy's eval split cannot be used (atlasd/evalsplit.py): no run could start
+        plan.reason = f"waits: {counts['blocked']}"
+        return None
     if mode != "auto":
         if not counts["pending"]:  # a run with an empty window could only fail (queue.EmptyWindow)
             plan.reason = NO_NEW_TRACES

@@ -68,15 +68,15 @@ _INSERT = sql.SQL(
                CASE WHEN jsonb_typeof(s.metadata -> 'learning_key') = 'string'
                     THEN s.metadata ->> 'learning_key' END AS learning_key,
                {malformed} AS malformed,
-               s.reward_stats
+               s.reward_stats, atlasd.task_key(s.task) AS task_key
           FROM public.sessions s
          WHERE {ready} AND {filter}
          LIMIT %(limit)s
     ), ins AS (
-        INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed)
+        INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed, task_key)
         SELECT id, learning_key,
                CASE WHEN malformed IS NULL THEN (reward_stats ->> 'score')::double precision END,
-               created_at, malformed
+               created_at, malformed, task_key
           FROM ready ORDER BY id
         ON CONFLICT (session_id, session_created_at) DO NOTHING
         RETURNING session_id, malformed
@@ -279,21 +279,36 @@ class Wakeup:
 # This module owns ``atlasd.intake``: every statement against it is here. Others compose these
 # named subqueries into their own statement, or call the functions below.
 
-# The cadence's pending traces of a gear: usable rows above its last window (%(lo)s) passing its
-# filters (%(key)s, %(min_reward)s, %(max_age)s at %(now)s), each with its rank in seq order (rn) and
-# their count (n). No reward never passes (as the trainer's filter).
-PENDING = """SELECT seq, approved_at, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
-          FROM atlasd.intake
-         WHERE seq > %(lo)s AND malformed IS NULL AND revoked_at IS NULL
-           AND (%(key)s::text IS NULL OR learning_key = %(key)s::text)
-           AND COALESCE(reward_score, -1) >= %(min_reward)s
-           AND (%(max_age)s::interval IS NULL
-                OR COALESCE(session_created_at, approved_at) >= %(now)s - %(max_age)s::interval)"""
+# Eligibility, on an intake row ``i`` as recorded: the one definition of what a gear counts and
+# what its run trains on (the trainer adds only that the session still exists and is still ready).
+# Parameters: %(learning_key)s, %(min_reward)s, %(max_age_days)s, %(now)s, %(split_salt)s and
+# %(split_threshold)s (atlasd.evalsplit.EvalSplit: key_salt, threshold).
+USABLE = "(i.malformed IS NULL AND i.revoked_at IS NULL)"
+KEY_OK = "(%(learning_key)s::text IS NULL OR i.learning_key = %(learning_key)s::text)"
+REWARD_OK = "(COALESCE(i.reward_score, -1) >= %(min_reward)s)"  # no reward never passes
+AGE_OK = ("(%(max_age_days)s::double precision IS NULL OR i.session_created_at >= %(now)s::timestamptz"
+          " - make_interval(secs => %(max_age_days)s::double precision * 86400))")
+SPLIT_HASH_BITS = 60  # atlasd.in_eval_split compares the first 60 bits of a sha256
+
+
+def split_threshold(eval_fraction: float) -> int:
+    """%(split_threshold)s for a policy's eval_fraction."""
+    return int(eval_fraction * 2**SPLIT_HASH_BITS)
+
+
+IN_EVAL_SPLIT = ("atlasd.in_eval_split(%(split_salt)s, i.learning_key, COALESCE(i.task_key, 'session:' || i.session_id),"
+                 " %(split_threshold)s)")  # task_key NULL: a row recorded before 0009 whose session was gone
+ELIGIBLE = f"({USABLE} AND {KEY_OK} AND {REWARD_OK} AND {AGE_OK} AND NOT {IN_EVAL_SPLIT})"
+
+# The cadence's pending traces of a gear: eligible rows above its last window (%(lo)s), each with
+# its rank in seq order (rn) and their count (n).
+PENDING = f"""SELECT seq, approved_at, row_number() OVER (ORDER BY seq) AS rn, count(*) OVER () AS n
+          FROM atlasd.intake i WHERE seq > %(lo)s AND {ELIGIBLE}"""
 
 # The trainer's page: rows with seq in (%(after)s, %(upto)s], at most %(page)s of them, in seq order
-# (bounded by the page, not by how many rows match).
-PAGE = """SELECT seq, session_id, session_created_at, malformed, revoked_at FROM atlasd.intake
-         WHERE seq > %(after)s AND seq <= %(upto)s ORDER BY seq LIMIT %(page)s"""
+# (bounded by the page, not by how many rows match), with what eligibility reads.
+PAGE = """SELECT seq, session_id, session_created_at, malformed, revoked_at, learning_key, reward_score, task_key
+          FROM atlasd.intake WHERE seq > %(after)s AND seq <= %(upto)s ORDER BY seq LIMIT %(page)s"""
 
 BACKLOG_IDS = 100_000  # `backlog` counts ready, unrecorded sessions among the newest this many ids
 

@@ -218,6 +218,16 @@ class Policy(_Strict):
     catchup_window: Duration | None = Field(None, description="Override of ATLASD_CATCHUP_WINDOW_S for this policy.")
     gears: dict[Name, Gear] = Field(..., min_length=1)
 
+    @model_validator(mode="after")
+    def _one_eval_split(self) -> Policy:
+        """The frozen eval split is the policy's (atlasd/evalsplit.py): every gear the same one."""
+        splits = {(g.eval.eval_fraction, g.eval.split_salt) for g in self.gears.values()}
+        if len(splits) > 1:
+            raise ValueError("every gear of a policy must have the same eval.eval_fraction and eval.split_salt (the "
+                             "frozen eval split is per policy); gears have " + ", ".join(
+                                 f"{name}: {g.eval.eval_fraction:g}/{g.eval.split_salt!r}" for name, g in self.gears.items()))
+        return self
+
     @property
     def model_name(self) -> str:
         return self.registered_model or self.name
@@ -236,8 +246,11 @@ class Policy(_Strict):
         mlflow: MlflowTarget | None = None,
         resume: bool = False,
         device: Literal["auto", "cpu", "cuda"] = "auto",
+        split_salt: str | None = None,
     ) -> RunSpec:
-        """The run spec of one run of ``gear``: ``student`` is the champion's checkpoint (None: the base student)."""
+        """The run spec of one run of ``gear``: ``student`` is the champion's checkpoint (None: the
+        base student); ``split_salt``: the eval split's salt as recorded (atlasd.evalsplit.EvalSplit.key_salt;
+        None: the gear's configured one)."""
         g = self.gears[gear]
         return RunSpec(
             run_id=run_id,
@@ -261,7 +274,7 @@ class Policy(_Strict):
             ),
             gkd=g.gkd,
             optim=g.optim,
-            eval=g.eval,
+            eval=g.eval if split_salt is None else g.eval.model_copy(update={"split_salt": split_salt}),
             targets=self.targets,
             output_dir=output_dir,
             mlflow=mlflow,

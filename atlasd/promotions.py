@@ -609,3 +609,10 @@ def audit_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
     keys = ("id", "action", "from_version", "to_version", "reason", "run_id")
     return [dict(zip(keys, row, strict=True)) for row in conn.execute(
         "SELECT id, action, from_version, to_version, reason, atlasd_run_id FROM atlasd.promotions ORDER BY id")]
+
+
+async def has_champion(conn: psycopg.AsyncConnection, policy: str) -> bool:
+    """The audit records a champion move for the policy (promote, force, rollback)."""
+    cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM atlasd.promotions WHERE policy = %s AND action = ANY(%s))",
+                             [policy, list(CHAMPION_MOVES)])
+    return (await cur.fetchone())[0]

@@ -61,7 +61,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from atlasd import promotions, queue
+from atlasd import evalsplit, promotions, queue
 from atlasd.component import Component
 from atlasd.db import safe_error
 from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle
@@ -117,7 +117,7 @@ class Outcome:
     error: str | None
     result: RunResult | None = None  # this run's result.json, if the trainer wrote one
     exit_code: int | None = None
-    stop_reason: str | None = None
+    stop_reason: str | None = None  # as _Supervision's, or refused (not started: a retry would be too)
 
 
 class _Fault:
@@ -388,6 +388,10 @@ class RunnerComponent(Component):
 
         try:
             spec = await self._build_spec(run, policy)
+        except evalsplit.EvalSplitChanged as exc:
+            log.error("run not started: eval split changed", error=str(exc))
+            await self._conclude(run, policy, Outcome("failed", str(exc), stop_reason="refused"), log)
+            return
         except promotions.RegistryCallError as exc:
             why = f"cannot resolve the champion of {policy.name!r} to start from (MLflow registry): {exc}"
             if exc.outcome.retryable:
@@ -451,6 +455,7 @@ class RunnerComponent(Component):
             output_dir = run_dir_for(self.settings, run.id)
             current = await promotions.champion(self.settings, policy.name)
             student, champion_version = current.get("path"), current.get("champion")
+        split = await self._db("resolve the eval split", lambda conn: evalsplit.current(conn, policy))
         return policy.run_spec(
             run.gear,
             run_id=run.id,
@@ -463,6 +468,7 @@ class RunnerComponent(Component):
             mlflow=promotions.mlflow_target(self.settings, policy),
             resume=resume,
             device=self.settings.device,
+            split_salt=split.key_salt,
         )
 
     async def _defer(self, run: queue.Run, why: str, log) -> None:
@@ -639,7 +645,7 @@ class RunnerComponent(Component):
 
     def _follow_up_for(self, run: queue.Run, outcome: Outcome, policy: Policy | None) -> queue.FollowUp | None:
         """What a failed/interrupted run calls for, per its policy (None: undecided, no policy loaded)."""
-        if outcome.stop_reason == "wall_clock":
+        if outcome.stop_reason in ("wall_clock", "refused"):  # a retry would end the same way
             return "none"
         if policy is None:
             return None

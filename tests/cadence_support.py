@@ -31,7 +31,12 @@ def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
 
 
+# A frozen eval split too small to hold any test row: counts are exact (the split's own tests set one).
+NO_SPLIT = {"eval_fraction": 1e-12}
+
+
 def make_policy(name: str = "p", learning_key: str | None = None, **gears: dict[str, Any]) -> Policy:
+    gears = {g: {"eval": NO_SPLIT, **spec} for g, spec in gears.items()}
     return Policy.model_validate(
         {"name": name, "learning_key": learning_key, "teacher": "t", "student": "s", "gears": gears}
     )
@@ -59,16 +64,19 @@ async def record(
     created_at: datetime | None = None,
     malformed: str | None = None,
     revoked: bool = False,
+    task_key: str | None = None,
 ) -> list[int]:
-    """Record ``n`` intake rows (one transaction); returns their seqs."""
+    """Record ``n`` intake rows (one transaction); returns their seqs. Each row is its own task
+    unless ``task_key`` names one for all of them."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [INTAKE_WRITER_LOCK])
         cur = await conn.execute(
-            """INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed, revoked_at)
-               SELECT (SELECT COALESCE(max(session_id), 0) FROM atlasd.intake) + g, %s, %s, COALESCE(%s, now()), %s,
-                      CASE WHEN %s THEN now() END
-                 FROM generate_series(1, %s) g
+            """INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed, revoked_at,
+                                          task_key)
+               SELECT id, %s, %s, COALESCE(%s, now()), %s, CASE WHEN %s THEN now() END, COALESCE(%s, 'task ' || id)
+                 FROM (SELECT (SELECT COALESCE(max(session_id), 0) FROM atlasd.intake) + g AS id
+                         FROM generate_series(1, %s) g) t
                RETURNING seq""",
-            [key, reward, created_at, malformed, revoked, n],
+            [key, reward, created_at, malformed, revoked, task_key, n],
         )
         return sorted(r[0] for r in await cur.fetchall())

@@ -17,7 +17,7 @@ from atlasd import queue
 from atlasd.cadence import CadenceComponent
 from atlasd.logging import configure_logging
 from atlasd.settings import load_settings
-from tests.cadence_support import Clock, record, utc
+from tests.cadence_support import NO_SPLIT, Clock, record, utc
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,7 @@ class FakeDaemon:
 
 def write_policy(folder: Path, name: str, gears: dict, **extra) -> Path:
     path = folder / f"{name}.yaml"
+    gears = {g: {"eval": NO_SPLIT, **spec} for g, spec in gears.items()}
     path.write_text(yaml.safe_dump({"teacher": "t", "student": "s", "gears": gears, **extra}))
     return path
 

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from atlasd.runspec import RunSpec
-from tests.traces import add_session, arithmetic_session, event
+from tests.traces import add_session, arithmetic_session, eval_split_ids, event
 from trainers import dataset
 from trainers.dataset import (
     DatasetError,
@@ -31,7 +31,6 @@ from trainers.dataset import (
     build_dataset,
     encode_prompt,
     eval_set_hash,
-    in_eval_split,
     rehearsal_size,
     split_salt,
 )
@@ -135,8 +134,10 @@ def test_frozen_eval_split_is_stable_and_disjoint(db_url):
     spec = make_spec(db_url, eval={"eval_fraction": 0.3, "max_samples": 5})
     salt = split_salt(spec)
     assert salt == "math"
-    in_split = [(sid, seq) for sid, seq in rows if in_eval_split(salt, sid, 0.3)]
-    assert 6 <= len(in_split) <= 35  # the SQL hash and the Python hash agree on these
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        split = set(eval_split_ids(conn, salt, 0.3))
+    in_split = [(sid, seq) for sid, seq in rows if sid in split]
+    assert 6 <= len(in_split) <= 35
     build = build_dataset(spec)
     eval_ids = [e.session_id for e in build.eval]
     assert eval_ids == [sid for sid, _ in in_split[:5]]  # first max_samples by intake seq
@@ -213,7 +214,8 @@ def test_oversized_sessions_are_skipped_unread(db_url):
         window += [big(kind, 10 + n) for n, kind in enumerate(["events", "compressible", "stored", "steps"])]
     everything = [sid for sid, _ in old + window]
     fine = [sid for sid, _ in window[:3]]
-    assert not any(in_eval_split("math", sid, 0.01) for sid in everything)  # ids 1..11: none in the 1 % split
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert not set(everything) & set(eval_split_ids(conn, "math", 0.01))  # none in the 1 % split
 
     spec = make_spec(db_url, window_lo=old[-1][1], rehearsal_fraction=0.5, rehearsal_seed=1, max_session_bytes=cap)
     build = build_dataset(spec)
@@ -233,7 +235,8 @@ def test_oversized_sessions_are_skipped_unread(db_url):
     assert build_dataset(make_spec(db_url, window_lo=old[-1][1])).skipped == {}  # under the default 8 MiB cap
 
     # in the frozen eval set: skipped and counted, the rest of the set stays
-    in_split = [sid for sid in everything if in_eval_split("math", sid, 0.5)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        in_split = [sid for sid in eval_split_ids(conn, "math", 0.5) if sid in everything]
     assert set(in_split) - set(fine)  # the split holds oversized sessions
     build = build_dataset(make_spec(db_url, max_session_bytes=cap, eval={"eval_fraction": 0.5, "max_samples": 100}))
     assert [e.session_id for e in build.eval] == [sid for sid in in_split if sid in fine]
@@ -252,7 +255,10 @@ def test_default_cap_skips_a_session_over_8_mib(db_url):
 SCORES = ['{"score": 1e-400}', '{"score": "high"}', '{"score": 1e-330}', '[0.9]', '"0.9"', '{"score": 1e400}']
 
 
-def test_scores_no_float_can_hold_never_fail_the_build(db_url):
+def test_eligibility_is_the_recorded_one_and_no_stored_score_fails_the_build(db_url):
+    """A session rescored after its approval keeps the eligibility the intake recorded (the cadence
+    counted it with that): the build reads no live score, so no stored value (1e-400, text, 1e400)
+    can fail it; malformed rows stay out."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         # the stand-in SDK schema indexes the score as float8; the SDK's own schema does not
         conn.execute("DROP INDEX sessions_reward_score_idx")
@@ -265,18 +271,19 @@ def test_scores_no_float_can_hold_never_fail_the_build(db_url):
             conn.execute("UPDATE sessions SET reward_stats = %s::jsonb WHERE id = %s", [raw, sid])
             malformed.append(sid)
         window_rows = [arithmetic_session(conn, n, 3) for n in range(4)]
+        in_split = set(eval_split_ids(conn, "math", 0.3))
     window = [sid for sid, _ in window_rows]
-    # every set reads them: the window, the rehearsal sample of the older rows, the eval split
-    usable = window + [rescored[-1]]  # 1e400 passes min_reward: only the intake classifies ranges
-    spec = make_spec(db_url, window_lo=window_rows[0][1] - 1, rehearsal_fraction=0.5, eval={"eval_fraction": 0.3})
-    in_split = {sid for sid in rescored + malformed + window if in_eval_split("math", sid, 0.3)}
+    usable = set(window + rescored)
     assert in_split & set(rescored + malformed)  # the split holds some of them
-    build = build_dataset(spec)
-    assert {e.session_id for e in build.train if e.source == "rehearsal"} == {rescored[-1]} - in_split
-    assert [e.session_id for e in build.eval] == sorted(set(usable) & in_split)
+    # every set reads them: the window, the rehearsal sample of the older rows, the eval split
+    build = build_dataset(make_spec(db_url, window_lo=window_rows[0][1] - 1, rehearsal_fraction=0.5,
+                                    eval={"eval_fraction": 0.3}))
+    rehearsal = {e.session_id for e in build.train if e.source == "rehearsal"}
+    assert rehearsal and rehearsal <= set(rescored) - in_split
+    assert [e.session_id for e in build.eval] == sorted(usable & in_split)
     build = build_dataset(make_spec(db_url))
-    assert {e.session_id for e in build.train} == set(usable)
-    assert build.skipped == {"low_reward": 5, "malformed": 6}
+    assert {e.session_id for e in build.train} == usable
+    assert build.skipped == {"malformed": 6}
 
 
 # --- reading in short statements: the SDK's ALTER TABLE is never held ---------------------------

@@ -13,14 +13,16 @@ import pytest
 import yaml
 
 from atlasd.cli import main
+from tests.cadence_support import NO_SPLIT
 from tests.test_policies import billion_laughs
 
 GOOD = {
     "teacher": "t",
     "student": "s",
     "gears": {
-        "fast": {"trigger": {"batch": {"every": 2}}},
-        "hq": {"trigger": {"cron": {"expr": "0 3 * * sun"}}, "optim": {"max_steps": None, "num_train_epochs": 5}},
+        "fast": {"trigger": {"batch": {"every": 2}}, "eval": NO_SPLIT},
+        "hq": {"trigger": {"cron": {"expr": "0 3 * * sun"}}, "optim": {"max_steps": None, "num_train_epochs": 5},
+               "eval": NO_SPLIT},
     },
 }
 

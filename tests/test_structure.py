@@ -33,6 +33,7 @@ OWNERS = {
     "pauses": "atlasd/cadence.py",
     "daemon_state": "atlasd/lock.py",
     "schema_version": "atlasd/db/migrate.py",
+    "eval_splits": "atlasd/evalsplit.py",
 }
 # Reads (never writes) of a table by another owner, where the join is the point of the read.
 JOINED_READS = {

@@ -10,6 +10,8 @@ from typing import Any
 
 import psycopg
 
+from atlasd import intake
+
 
 def event(actor: str, text: str, key: str = "output", event_type: str = "LLM_END") -> dict[str, Any]:
     return {
@@ -51,8 +53,9 @@ def add_session(conn: psycopg.Connection, *, task: str, final_answer: str | None
     if intake:
         seq = conn.execute(
             """INSERT INTO atlasd.intake (session_id, learning_key, reward_score, session_created_at, malformed,
-                                          revoked_at)
-               SELECT %s, %s, %s, created_at, %s, CASE WHEN %s THEN now() END FROM sessions WHERE id = %s
+                                          revoked_at, task_key)
+               SELECT %s, %s, %s, created_at, %s, CASE WHEN %s THEN now() END, atlasd.task_key(task)
+                 FROM sessions WHERE id = %s
                RETURNING seq""",
             [sid, learning_key, reward, malformed, revoked, sid],
         ).fetchone()[0]
@@ -68,3 +71,10 @@ def arithmetic_session(conn: psycopg.Connection, a: int, b: int, **kw) -> tuple[
                 event("teacher", f"{a} + {b} = {a + b}. Final Answer: {a + b}")],
         **kw,
     )
+
+
+def eval_split_ids(conn: psycopg.Connection, salt: str, eval_fraction: float) -> list[int]:
+    """Session ids of the intake rows in the eval split (atlasd.in_eval_split), by intake seq."""
+    return [r[0] for r in conn.execute(
+        f"SELECT i.session_id FROM atlasd.intake i WHERE {intake.IN_EVAL_SPLIT} ORDER BY i.seq",
+        {"split_salt": salt, "split_threshold": intake.split_threshold(eval_fraction)}).fetchall()]

@@ -2,16 +2,19 @@
 
 Which sessions (all through ``atlasd.intake``, the daemon's record of approved sessions):
 
-- **window**: intake rows with ``window_lo < seq <= window_hi``, not malformed, not revoked, whose
-  session is still ``approved`` and ``succeeded`` and passes the spec's filters (learning_key,
-  min_reward on ``reward_stats.score`` as a JSON number, max_age_days on ``created_at``);
+- **window**: intake rows with ``window_lo < seq <= window_hi`` that are eligible as the cadence
+  counted them (``atlasd.intake``: not malformed, not revoked, the spec's learning_key and
+  min_reward as recorded at approval, max_age_days on the session's ``created_at``, outside the
+  eval split) and whose session still exists and is still approved and succeeded;
 - **rehearsal**: older rows (``seq <= window_lo``) passing the same checks, a deterministic sample
   (md5 of ``rehearsal_seed`` and session id) sized so that rehearsal is ``rehearsal_fraction`` of
   the training set's sessions;
-- **eval** (frozen split): sessions whose stable hash ``sha256(f"{salt}:{session_id}")`` falls
-  below ``eval_fraction``, salt = ``eval.split_salt`` or the policy name. The eval set is the first
-  ``eval.max_samples`` of them by intake seq up to ``window_hi`` (learning_key and min_reward apply,
-  max_age_days does not, so the set never drifts). Split sessions are never trained on.
+- **eval** (frozen split, by task): rows for which ``atlasd.in_eval_split(salt, learning_key,
+  task_key, eval_fraction * 2^60)`` holds (migration 0009; the same task run twice is on one side),
+  salt = ``eval.split_salt`` as the runner resolved it from the policy's recorded split
+  (atlasd/evalsplit.py), else the policy name. The eval set is the first ``eval.max_samples`` of
+  them by intake seq up to ``window_hi`` (learning_key and min_reward apply, max_age_days does
+  not, so the set never drifts). Split sessions are never trained on.
 
 How a session becomes examples (docs/atlas-sdk.md, :func:`conversation`): a system message
 ``Task: ...`` plus ``Plan:`` lines, then user and assistant turns, strictly alternating. The
@@ -77,7 +80,6 @@ ACTOR_ROLES = {"teacher": "assistant", "coach": "assistant", "student": "user", 
 # An LLM call's input messages (LangChain's ``type``, or a chat ``role``) -> roles; others are user turns.
 MESSAGE_ROLES = {"system": "system", "human": "user", "user": "user", "ai": "assistant", "assistant": "assistant",
                  "tool": "user", "function": "user"}
-HASH_BITS = 60  # split hash: the first 15 hex digits of the sha256
 
 
 @dataclass
@@ -115,20 +117,9 @@ class DatasetError(RuntimeError):
 
 
 def split_salt(spec: RunSpec) -> str:
+    """The eval split's salt: as the runner resolved it (atlasd.evalsplit, the policy's recorded
+    split), else the policy name."""
     return spec.eval.split_salt or spec.policy
-
-
-def split_hash(salt: str, session_id: int) -> int:
-    """Stable hash in [0, 2**60) of a session for the frozen eval split (same formula as the SQL)."""
-    return int(hashlib.sha256(f"{salt}:{session_id}".encode()).hexdigest()[: HASH_BITS // 4], 16)
-
-
-def in_eval_split(salt: str, session_id: int, eval_fraction: float) -> bool:
-    return split_hash(salt, session_id) < _threshold(eval_fraction)
-
-
-def _threshold(eval_fraction: float) -> int:
-    return int(eval_fraction * 2**HASH_BITS)
 
 
 def eval_set_hash(examples: Iterable[Example]) -> str:
@@ -144,21 +135,12 @@ def eval_set_hash(examples: Iterable[Example]) -> str:
 # Every statement below is short and bounded (a page of intake rows, a page of sessions, a range
 # of event ids) and runs on its own in autocommit mode: no lock on an SDK table outlives it.
 
-# The same split hash as split_hash(), in SQL.
-_SPLIT_SQL = (
-    "(('x' || substr(encode(sha256(convert_to(%(salt)s || ':' || s.id::text, 'UTF8')), 'hex'), 1, 15))"
-    "::bit(60)::bigint < %(threshold)s)"
-)
+# Eligibility is atlasd.intake's (the cadence counts with the same parts: a gear that fires on N
+# traces trains on those N): usable, the learning key and minimum reward as recorded, age, outside
+# the policy's eval split. This build adds what only a live read can tell: the session still exists
+# with the same identity and is still ready (the intake revokes such a row at its next poll).
+# %(now)s: the build's clock, read once, so that every page applies the same age cut-off.
 _READY = f"({intake.READY})"
-_KEY_OK = "(%(learning_key)s::text IS NULL OR s.metadata->>'learning_key' = %(learning_key)s::text)"
-# The live session's score as numeric, NULL unless a JSON number: no value (text, 1e-400, 1e400)
-# can fail the query, whatever order the planner evaluates the conditions in.
-_SCORE = "(CASE WHEN jsonb_typeof(s.reward_stats->'score') = 'number' THEN (s.reward_stats->'score')::numeric END)"
-_REWARD_OK = f"(COALESCE({_SCORE}, -1) >= %(min_reward)s::numeric)"
-# %(now)s: the build's clock, read once, so that every page applies the same cut-off.
-_AGE_OK = ("(%(max_age_days)s::double precision IS NULL OR s.created_at >= %(now)s::timestamptz"
-           " - make_interval(secs => %(max_age_days)s::double precision * 86400))")
-_USABLE = f"i.malformed IS NULL AND i.revoked_at IS NULL AND {_READY} AND {_KEY_OK} AND {_REWARD_OK}"
 
 # The reason a window row cannot be used (NULL: usable), in this order; then 'eval_split' (_scan).
 _WINDOW_REASON = f"""
@@ -166,10 +148,11 @@ _WINDOW_REASON = f"""
             WHEN i.revoked_at IS NOT NULL THEN 'revoked'
             WHEN s.id IS NULL THEN 'session_deleted'
             WHEN NOT {_READY} THEN 'not_approved_succeeded'
-            WHEN NOT {_KEY_OK} THEN 'other_learning_key'
-            WHEN NOT {_REWARD_OK} THEN 'low_reward'
-            WHEN NOT {_AGE_OK} THEN 'too_old'
+            WHEN NOT {intake.KEY_OK} THEN 'other_learning_key'
+            WHEN NOT {intake.REWARD_OK} THEN 'low_reward'
+            WHEN NOT {intake.AGE_OK} THEN 'too_old'
        END"""  # then 'eval_split' when the row's split is true (_scan)
+_USABLE = f"{intake.USABLE} AND s.id IS NOT NULL AND {_READY} AND {intake.KEY_OK} AND {intake.REWARD_OK}"
 
 # One page of intake rows (seq in (after, upto], at most `page` of them: the statement is bounded
 # by the page, not by how many rows match) with the session of the same identity (id, created_at),
@@ -178,9 +161,9 @@ _WINDOW_REASON = f"""
 # pool (usable AND age_ok AND NOT split), with WHERE semantics (NULL is false).
 _SCAN = f"""
 SELECT i.seq, i.session_id, i.session_created_at, {_WINDOW_REASON} AS reason,
-       ({_USABLE}) IS TRUE AS usable, ({_AGE_OK}) IS TRUE AS age_ok, ({_SPLIT_SQL}) IS TRUE AS split
+       ({_USABLE}) IS TRUE AS usable, ({intake.AGE_OK}) IS TRUE AS age_ok, ({intake.IN_EVAL_SPLIT}) IS TRUE AS split
   FROM ({intake.PAGE}) i
-  LEFT JOIN LATERAL (SELECT id, review_status, status, metadata, reward_stats, created_at FROM sessions
+  LEFT JOIN LATERAL (SELECT id, review_status, status FROM sessions
                       WHERE id = i.session_id AND created_at = i.session_created_at OFFSET 0) s ON true
  ORDER BY i.seq
 """
@@ -534,7 +517,7 @@ def _params(spec: RunSpec, **extra) -> dict:
     return {
         "window_lo": t.window_lo, "window_hi": t.window_hi, "learning_key": t.learning_key,
         "min_reward": t.min_reward, "max_age_days": t.max_age_days, "rehearsal_seed": t.rehearsal_seed,
-        "salt": split_salt(spec), "threshold": _threshold(spec.eval.eval_fraction),
+        "split_salt": split_salt(spec), "split_threshold": intake.split_threshold(spec.eval.eval_fraction),
         "eval_max": spec.eval.max_samples, "max_session_bytes": t.max_session_bytes, "examples": t.examples, **extra,
     }
 

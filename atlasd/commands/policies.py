@@ -1,4 +1,4 @@
-"""`atlasd policies validate | plan | trigger | pause | resume | reload`: the operator's handles on
+"""`atlasd policies validate | reset-eval`, `atlasd plan | trigger | pause | resume | reload`: the operator's handles on
 the cadence (atlasd/cadence.py). Policies are read from disk (``ATLASD_POLICIES_DIR``): `plan` shows
 what the daemon will do with the files as they are now (after a reload if it runs older ones)."""
 
@@ -17,13 +17,14 @@ from typing import TypeVar
 
 import psycopg
 
-from atlasd import cadence
+from atlasd import cadence, evalsplit
 from atlasd.cli import CommandError
 from atlasd.commands import cli_settings
 from atlasd.db import aconnect, connect
 from atlasd.db.migrate import check_schema
 from atlasd.lock import live_daemon
 from atlasd.policies import PolicySet, expand_paths, load_files
+from atlasd.promotions import actor_name
 from atlasd.settings import Settings
 
 T = TypeVar("T")
@@ -35,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = psub.add_parser("validate", help="check policy files (default: the policies folder); exit 1 listing every error")
     v.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="policy files or folders")
     v.set_defaults(func=cmd_validate)
+    r = psub.add_parser("reset-eval", help="start a new eval generation for a policy (its current eval_fraction and "
+                        "split_salt; a new frozen split); the champion is re-measured at the next registration")
+    r.add_argument("policy")
+    r.set_defaults(func=cmd_reset_eval)
 
     p = sub.add_parser("plan", help="dry run: per policy and gear, pending vs threshold, next cron tick, what would queue")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -168,6 +173,20 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         print(f"{plan.skipped_traces} older pending traces left out (filters.max_traces "
               f"{policy.gears[args.gear].filters.max_traces}); `atlasd trigger {policy.name} --gear {args.gear} "
               "--backfill` would take them all")
+    return 0
+
+
+def cmd_reset_eval(args: argparse.Namespace) -> int:
+    settings = cli_settings()
+    policies = load_policies(settings)
+    policy = policies.get(args.policy)
+    if policy is None:
+        known = ", ".join(policies.policies) or "none"
+        raise CommandError(f"no valid policy {args.policy!r} in {settings.policies_dir} (valid policies: {known})")
+    split = with_db(settings, lambda conn: evalsplit.reset(conn, policy, actor_name()))
+    print(f"policy {policy.name}: eval generation {split.generation} (eval_fraction {split.eval_fraction:g}, "
+          f"split salt {split.key_salt!r}); the next run evaluates on the new split and its registration "
+          "re-measures the champion on it")
     return 0
 
 
