@@ -3,7 +3,8 @@ process group on this machine; a cluster engine (Ray Jobs, Slurm) would implemen
 interface. The daemon never imports torch: the child is ``python -m trainers run SPEC.json``.
 
 Process-group discipline: the child is a session leader (``start_new_session``), so signals go
-to it and to anything it spawned (dataloader workers, vLLM) and never to the daemon.
+to it and to anything it spawned (dataloader workers, vLLM, the ranks of a multi-GPU run: the trainer
+launches them in its own group, ``trainers/distributed.py``) and never to the daemon.
 
 Output: ``events`` reads the child's stdout line by line, up to ``LINE_LIMIT_BYTES`` a line; a longer
 line is skipped (an ``output_skipped`` event says how long it was), never an error. Every line kept

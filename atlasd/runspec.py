@@ -86,6 +86,11 @@ class OptimSettings(_Strict):
     generation_backend: Literal["hf", "vllm"] = "hf"
     vllm_gpu_memory_utilization: float = Field(
         0.3, gt=0, lt=1, description="Share of the GPU's memory the in-process vLLM engine may take (weights + KV cache).")
+    num_gpus: int | None = Field(
+        None, gt=0, description="GPUs (ranks) to train on, the student sharded over them with FSDP2 "
+        "(trainers/distributed.py); None: every GPU the trainer sees (ATLASD_CUDA_VISIBLE_DEVICES). On device cpu: that "
+        "many gloo processes (default 1). The global batch is per_device_train_batch_size x gradient_accumulation_steps "
+        "x ranks.")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> OptimSettings:

@@ -7,7 +7,15 @@ import shutil
 
 import torch
 
-from trainers.generation import Sampling, cut_at_stop, end_of_turn_id, hf_generate, sampling_for, stop_ids
+from trainers.generation import (
+    Sampling,
+    cut_at_stop,
+    end_of_turn_id,
+    hf_generate,
+    request_seeds,
+    sampling_for,
+    stop_ids,
+)
 from trainers.models import load_causal_lm, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -15,8 +23,7 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 
 
 def _sample(model, sampling, seed=3):
-    torch.manual_seed(seed)
-    return hf_generate(model, PROMPTS, sampling, device=CPU)
+    return hf_generate(model, PROMPTS, sampling, device=CPU, seeds=request_seeds(seed, 1, len(PROMPTS)))
 
 
 def test_checkpoint_generation_config_is_never_applied(tiny_models, tmp_path):
@@ -93,3 +100,17 @@ def test_checkpointing_switches_the_real_mechanism(tiny_models):
     assert checkpointing(model) and model.model.gradient_checkpointing
     set_checkpointing(model, False)
     assert not checkpointing(model) and not model.model.gradient_checkpointing
+
+
+def test_a_sampled_row_depends_on_its_seed_not_on_its_batch(tiny_models):
+    """Each row's noise comes from its own seed (Gumbel-max), so a prompt sampled alone or in a batch, at any
+    position, gives the same completion: what lets several ranks sample what one process samples."""
+    model = load_causal_lm(tiny_models[1], CPU, torch.float32, trainable=False)
+    tok = load_tokenizer(tiny_models[1])
+    sampling = sampling_for(tok, model, max_new_tokens=12, temperature=1.0)
+    seeds = request_seeds(5, 1, len(PROMPTS))
+    together = hf_generate(model, PROMPTS, sampling, device=CPU, seeds=seeds)
+    alone = [hf_generate(model, [p], sampling, device=CPU, seeds=[s])[0] for p, s in zip(PROMPTS, seeds, strict=True)]
+    reordered = hf_generate(model, PROMPTS[::-1], sampling, device=CPU, seeds=seeds[::-1])[::-1]
+    assert together == alone == reordered
+    assert together != hf_generate(model, PROMPTS, sampling, device=CPU, seeds=request_seeds(6, 1, len(PROMPTS)))

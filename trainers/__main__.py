@@ -1,5 +1,5 @@
 """``python -m trainers run SPEC.json | validate SPEC.json | eval --model PATH --spec SPEC.json [--out F]
-| plan SPEC.json [--device cpu|cuda] [--device-memory-gb GB] [--json]``."""
+| plan SPEC.json [--device cpu|cuda] [--device-memory-gb GB] [--gpus N] [--json]``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: the spec's)")
     p.add_argument("--device-memory-gb", type=float, metavar="GB",
                    help="device memory in GB (GiB); default: measured, or $ATLASD_DEVICE_MEMORY_GB")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="plan for N GPUs (ranks); default: optim.num_gpus, else the GPUs visible here")
     p.add_argument("--json", action="store_true", help="the plan as one JSON object")
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         from trainers.plan import plan_command
 
-        return plan_command(args.spec, device=args.device, memory_gb=args.device_memory_gb, as_json=args.json)
+        return plan_command(args.spec, device=args.device, memory_gb=args.device_memory_gb, gpus=args.gpus,
+                            as_json=args.json)
     return eval_command(args.model, args.spec, args.out)
 
 

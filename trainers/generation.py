@@ -9,10 +9,18 @@ from it, so ``hf_generate`` swaps in a blank config for the call.
 The stop set is the tokenizer's EOS, the checkpoint's ``generation_config.eos_token_id``(s) and
 the chat template's end-of-turn token (a base checkpoint with a ChatML template ends turns with
 ``<|im_end|>``, not its EOS).
+
+Seeds: sampled row ``i`` of optimizer step ``step`` draws its randomness from
+``request_seeds(seed, step, n)[i]`` alone, in every backend (vLLM: the request's seed; HF: a
+per-row generator feeding the Gumbel-max trick), so a completion is a function of (seed, step,
+position in the step's global batch) and never of the batch it was generated in: a resumed run, and
+a run split over several processes (``trainers.distributed``), sample what one uninterrupted
+process samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +40,16 @@ class Sampling:
     pad_id: int
     seed: int | None = None  # vLLM: per-request seeds derived from it; HF: the caller seeds torch
     vocab_size: int | None = None  # ids at or past this (embedding padding) are never sampled
+
+
+def request_seeds(seed: int, step: int, n: int) -> list[int]:
+    """Per-row seeds of optimizer step ``step``: a hash of (seed, step, i), in [0, 2**63) (vLLM keeps
+    request seeds as int64). Deterministic across processes and Python versions."""
+    out = []
+    for i in range(n):
+        digest = hashlib.sha256(f"atlasd/vllm/{int(seed)}/{int(step)}/{i}".encode()).digest()
+        out.append(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+    return out
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -127,6 +145,22 @@ class _VocabLimit:
         return scores
 
 
+class _GumbelMax:
+    """A logits processor that samples from softmax(scores / temperature) by the Gumbel-max trick
+    (``argmax(scores / T + G)``, G standard Gumbel; ``generate`` then picks greedily), each row's noise
+    from its own seeded generator: one vocabulary-wide draw per row per decoding step."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float32)
+                         for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores.float() / self.temperature + gumbel
+
+
 class _StopOn:
     """A generation stopping criterion that ends decoding when a stop was requested (SIGTERM)."""
 
@@ -139,18 +173,24 @@ class _StopOn:
 
 @torch.no_grad()
 def hf_generate(model, prompts: list[list[int]], sampling: Sampling, *, device,
-                stop: Callable[[], bool] | None = None) -> list[list[int]]:
+                stop: Callable[[], bool] | None = None, seeds: list[int] | None = None,
+                sharded: bool = False) -> list[list[int]]:
     """One batched, KV-cached ``generate`` call (static cache + compiled decode on CUDA). Returns the
-    completions cut after their first stop token. The model is in eval mode for the call."""
+    completions cut after their first stop token. The model is in eval mode for the call.
+
+    ``seeds``: one per prompt (``request_seeds``), required unless greedy. ``sharded``: the model is
+    FSDP-sharded across the process group (``trainers.distributed``): every rank must call this
+    together; decoding runs until every rank's rows are done (``synced_gpus``), with a dynamic cache."""
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     cuda = torch.device(device).type == "cuda"
     ids, mask = pad_left(prompts, sampling.pad_id, PAD_MULTIPLE if cuda else 1)
     greedy = sampling.temperature is None
-    cfg = GenerationConfig(
-        max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else sampling.temperature,
-        top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        use_cache=True, cache_implementation="static" if cuda else None,
+    if not greedy and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling needs one seed per prompt")
+    cfg = GenerationConfig(  # sampling is _GumbelMax's: generate itself always picks the best token
+        max_new_tokens=sampling.max_new_tokens, do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        use_cache=True, cache_implementation="static" if cuda and not sharded else None,
         pad_token_id=sampling.pad_id, eos_token_id=list(sampling.stop_ids),
     )
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
@@ -164,8 +204,10 @@ def hf_generate(model, prompts: list[list[int]], sampling: Sampling, *, device,
     try:
         criteria = StoppingCriteriaList([_StopOn(stop)]) if stop else None
         processors = LogitsProcessorList([_VocabLimit(sampling.vocab_size)] if sampling.vocab_size else [])
+        if not greedy:
+            processors.append(_GumbelMax(seeds, sampling.temperature, device))
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
-                             stopping_criteria=criteria, logits_processor=processors)
+                             stopping_criteria=criteria, logits_processor=processors, synced_gpus=sharded)
     finally:
         hf_model.generation_config = own_config
         if was_training:

@@ -23,10 +23,20 @@ What is different from stock GKD (README, "Training"):
 The data order and the sampling are functions of (seed, step), and the optimizer, scheduler and
 RNG states are checkpointed (with the fp32 master weights), so a resumed run continues exactly
 where it stopped.
+
+Several ranks (``trainers.distributed``): the global batch of a step (``per_device_train_batch_size x
+gradient_accumulation_steps x ranks`` examples, in the one-process order) is cut into consecutive
+slices, one per rank; each completion is sampled from its own seed (its position in the global batch),
+the token count that divides the loss is the global one and the student's gradients are summed over the
+ranks, so the loss and the update are those of one process with the same global batch. Stops are agreed
+(an all-reduce of the stop flag after generation and after each step), so every rank stops at one step.
+Checkpoints are consolidated: rank 0 writes the same folder as one process (HF weights gathered from the
+shards, the optimizer state as a full FQN-keyed state dict), so a checkpoint resumes at any rank count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -37,14 +47,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from atlasd.runspec import GKDSettings, OptimSettings
 from trainers.dataset import Example, encode_completion, encode_prompt
-from trainers.generation import hf_generate, pad_left, sampling_for, set_checkpointing
+from trainers.distributed import ALONE, Ranks, gathered_root, shard_student
+from trainers.generation import (
+    hf_generate,
+    pad_left,
+    request_seeds,
+    sampling_for,
+    set_checkpointing,
+)
 from trainers.loss import Head, token_divergence
 from trainers.models import Precision, hf_model, is_peft, save_hf
 from trainers.telemetry import Telemetry
 
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # consolidated, on rank 0's CPU
 KEEP_CHECKPOINTS = 2  # periodic checkpoints kept on disk (older ones are deleted after a new one is saved)
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "trainer_state.pt"
@@ -89,6 +113,21 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     return out.last_hidden_state[:, p - 1: p + c - 1][mask], mask
 
 
+class StudentLoss(torch.nn.Module):
+    """The student's share of a micro-batch as one module call: its hidden states at the completion
+    positions and their per-token divergence (N,) from the teacher's. Under FSDP2 this module is the root,
+    so its parameters (embeddings, final norm, head) are gathered for the whole call and its backward."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                teacher_hidden: torch.Tensor, teacher_head: Head, beta: float, vocab_size: int) -> torch.Tensor:
+        hidden, _ = completion_hidden(self.student, prompts, completions, pad_id, teacher_hidden.device)
+        return token_divergence(hidden, Head.of(self.student), teacher_hidden, teacher_head, beta, vocab_size)
+
+
 # --- data order --------------------------------------------------------------------------------
 def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
     """Example indices of optimizer step ``step`` (1-based): consecutive slices of a concatenation of
@@ -105,10 +144,10 @@ def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
     return out
 
 
-def total_steps(optim: OptimSettings, n_train: int) -> int:
+def total_steps(optim: OptimSettings, n_train: int, world: int = 1) -> int:
     if optim.max_steps is not None:
         return optim.max_steps
-    per_step = optim.per_device_train_batch_size * optim.gradient_accumulation_steps
+    per_step = optim.per_device_train_batch_size * optim.gradient_accumulation_steps * world
     return max(1, math.ceil(optim.num_train_epochs * n_train / per_step))
 
 
@@ -131,9 +170,10 @@ class GKDTrainer:
     def __init__(self, *, student, teacher, tokenizer, train: list[Example], gkd: GKDSettings,
                  optim: OptimSettings, output_dir: Path, device: torch.device, telemetry: Telemetry,
                  stop: Callable[[], bool] = lambda: False, vllm=None, precision: Precision | None = None,
-                 serve_dtype: torch.dtype | None = None):
+                 serve_dtype: torch.dtype | None = None, ranks: Ranks = ALONE):
         """``vllm``: a ``trainers.vllm_backend.VllmGenerator`` for the student's samples (else HF
-        generate). ``serve_dtype``: the dtype ``final/`` is saved in (default: the student's own)."""
+        generate). ``serve_dtype``: the dtype ``final/`` is saved in (default: the student's own).
+        ``ranks``: this process's place among several (the student is sharded here); default alone."""
         from transformers import get_scheduler
 
         if not train:
@@ -143,7 +183,7 @@ class GKDTrainer:
         self.precision = precision or Precision.resolve(optim.precision, device)
         self.serve_dtype = serve_dtype
         self.out = Path(output_dir)
-        self.tel, self.stop, self.vllm = telemetry, stop, vllm
+        self.tel, self.stop, self.vllm, self.ranks = telemetry, stop, vllm, ranks
         self.pad = tokenizer.pad_token_id
         self.vocab = len(tokenizer)
         self.sampling = sampling_for(tokenizer, student, max_new_tokens=gkd.max_new_tokens,
@@ -159,8 +199,9 @@ class GKDTrainer:
             prompt, cut = encode_prompt(tokenizer, ex.prompt, max_prompt)
             self.n_prompt_truncated += cut
             self.encoded.append(Encoded(prompt, encode_completion(tokenizer, ex.completion, gkd.max_new_tokens)))
-        self.total = total_steps(optim, len(train))
-        self.per_step = optim.per_device_train_batch_size * optim.gradient_accumulation_steps
+        self.total = total_steps(optim, len(train), ranks.world)
+        self.per_rank = optim.per_device_train_batch_size * optim.gradient_accumulation_steps
+        self.per_step = self.per_rank * ranks.world
         self.step = 0
         self.history: list[dict] = []
         for name, module in student.named_modules():  # as GKDConfig.disable_dropout, LoRA dropout excepted
@@ -172,21 +213,28 @@ class GKDTrainer:
         if checkpointing:
             set_checkpointing(hf_model(student), True)
         student.train()
-        self.optimizer = make_optimizer(student, optim, device)
+        self.model = StudentLoss(student)
+        if ranks.sharded:
+            shard_student(self.model, hf_model(student).get_decoder().layers)
+        self.optimizer = make_optimizer(self.model, optim, device)
         self.scheduler = get_scheduler(optim.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(optim.warmup_ratio * self.total),
                                        num_training_steps=self.total)
 
     # one optimizer step -----------------------------------------------------------------------
-    def _completions(self, mode: str, batch: list[Encoded], step: int) -> list[list[int]]:
+    def _completions(self, mode: str, batch: list[Encoded], step: int, first: int) -> list[list[int]]:
+        """The completions of ``batch``, the examples ``first``, ``first + 1``, ... of the step's global
+        batch; each sampled from its position's seed (``request_seeds``)."""
         if mode == "reference":
             return [e.completion for e in batch]
         prompts = [e.prompt for e in batch]
         if self.vllm is not None and mode == "student":
             return self.vllm.generate(self.student, prompts, self.sampling, step=step, stop=self.stop)
-        model = self.student if mode == "student" else self.teacher
-        with self.precision.autocast():
-            return hf_generate(model, prompts, self.sampling, device=self.device, stop=self.stop)
+        seeds = request_seeds(self.optim.seed, step, first + len(batch))[first:]
+        sharded = mode == "student" and self.ranks.sharded  # the teacher is whole on every rank
+        with self.precision.autocast(), gathered_root(self.model) if sharded else contextlib.nullcontext():
+            return hf_generate(self.student if mode == "student" else self.teacher, prompts, self.sampling,
+                               device=self.device, stop=self.stop, seeds=seeds, sharded=sharded)
 
     def train_step(self, step: int) -> dict | None:
         """Run optimizer step ``step``; None if a stop request cut its generation short (nothing applied)."""
@@ -194,14 +242,16 @@ class GKDTrainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        torch.manual_seed(self.optim.seed * 100_003 + step)  # sampling is a function of (seed, step)
-        batch = [self.encoded[i] for i in step_indices(len(self.encoded), self.optim.seed, step, self.per_step)]
+        torch.manual_seed(self.optim.seed * 100_003 + step)  # LoRA dropout is a function of (seed, step)
+        indices = step_indices(len(self.encoded), self.optim.seed, step, self.per_step)
+        first = self.ranks.rank * self.per_rank  # this rank's slice of the global batch
+        batch = [self.encoded[i] for i in indices[first: first + self.per_rank]]
         mode = step_mode(self.gkd, self.optim.seed, step)
-        completions = self._completions(mode, batch, step)
+        completions = self._completions(mode, batch, step, first)
         t_gen = _now(cuda) - t0
-        if self.stop():
+        if self.ranks.any(self.stop()):
             return None
-        n_tokens = sum(len(c) for c in completions)
+        n_tokens = int(self.ranks.sum(sum(len(c) for c in completions)))
         t_teacher = t_student = 0.0
         loss_sum = 0.0
         bs = self.optim.per_device_train_batch_size
@@ -215,24 +265,24 @@ class GKDTrainer:
                 t_hidden, _ = completion_hidden(self.teacher, prompts, comps, self.pad, self.device)
             t2 = _now(cuda)
             with self.precision.autocast():
-                s_hidden, _ = completion_hidden(self.student, prompts, comps, self.pad, self.device)
-                div = token_divergence(s_hidden, Head.of(self.student), t_hidden, Head.of(self.teacher),
-                                       self.gkd.beta, self.vocab)
+                div = self.model(prompts, comps, self.pad, t_hidden, Head.of(self.teacher), self.gkd.beta, self.vocab)
                 loss = div.sum() / max(n_tokens, 1)
             loss.backward()
             loss_sum += loss.item()
             t_teacher += t2 - t1
             t_student += _now(cuda) - t2
+        loss_sum = self.ranks.sum(loss_sum)
         t3 = _now(cuda)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim.max_grad_norm).item()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim.max_grad_norm)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # DTensor
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_optim = _now(cuda) - t3
         dt = _now(cuda) - t0
-        n_prompt = sum(len(e.prompt) for e in batch)
+        n_prompt = sum(len(self.encoded[i].prompt) for i in indices)
         return {
             "step": step, "total_steps": self.total, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
             "mode": mode, "completion_tokens": n_tokens, "tokens_per_s": (n_prompt + n_tokens) / dt,
@@ -249,23 +299,26 @@ class GKDTrainer:
             self.step, self.history = self.total, _state(final)["history"]
             return TrainOutcome(self.total, self.history, final)
         self.tel.progress(self.total, self.step)
+        stopped = False
         try:
             while self.step < self.total:
                 row = self.train_step(self.step + 1)
                 if row is None:
+                    stopped = True
                     break
                 self.step += 1
                 self.history.append({k: row[k] for k in ("step", "loss", "grad_norm", "lr", "mode")})
                 if self.step % self.optim.logging_steps == 0 or self.step == self.total:
                     self.tel.emit("step", **row)
                 self.tel.advance(self.step, loss=row["loss"])
-                if self.stop():
+                if self.ranks.any(self.stop()):
+                    stopped = True
                     break
                 if self.step % self.optim.save_steps == 0 and self.step < self.total:
                     self.save_checkpoint("periodic")
         finally:
             self.tel.close_progress()
-        if self.stop() and self.step < self.total:
+        if stopped and self.step < self.total:
             if self.step > 0 and _state(self.checkpoint_dir(self.step)) is None:
                 self.save_checkpoint("sigterm")
             raise Interrupted(f"stopped at step {self.step} of {self.total}")
@@ -274,7 +327,7 @@ class GKDTrainer:
 
     def release(self) -> None:
         """Drop the trained student and the optimizer state (before the final model is reloaded)."""
-        self.student = self.optimizer = self.scheduler = None
+        self.student = self.model = self.optimizer = self.scheduler = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -288,25 +341,35 @@ class GKDTrainer:
                 "lora": is_peft(self.student), "history": self.history}
 
     def _write(self, path: Path, with_optimizer: bool, dtype: torch.dtype | None = None) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(self.student, self.tok, tmp, dtype)
-        if is_peft(self.student):
-            self.student.save_pretrained(tmp / "adapter")
-        if with_optimizer:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / OPTIM_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(self._state_json()))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.replace(path)
+        """Every rank takes part (sharded: the weights and the optimizer state are gathered to rank 0);
+        rank 0 writes ``path`` (atomically: a temporary folder renamed); all return once it is there."""
+        weights = None
+        if self.ranks.sharded:  # FQNs under the StudentLoss root: "student." + the HF model's own
+            gathered = get_model_state_dict(self.model, options=_FULL)
+            weights = {k.removeprefix("student."): v for k, v in gathered.items()}
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL) if with_optimizer else None
+        if self.ranks.main:
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf(self.student, self.tok, tmp, dtype, state=weights)
+            if is_peft(self.student):
+                self.student.save_pretrained(tmp / "adapter")
+            if with_optimizer:
+                torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / OPTIM_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(self._state_json()))
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.replace(path)
+        self.ranks.barrier()
 
     def save_checkpoint(self, reason: str) -> Path:
         path = self.checkpoint_dir(self.step)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write(path, with_optimizer=True)
-        kept = sorted(_checkpoints(self.out), key=lambda p: _state(p)["step"])
-        for old in kept[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.ranks.main:
+            kept = sorted(_checkpoints(self.out), key=lambda p: _state(p)["step"])
+            for old in kept[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
         self.tel.emit("checkpoint", step=self.step, path=str(path), reason=reason)
         return path
 
@@ -321,8 +384,10 @@ class GKDTrainer:
         state = _state(path)
         if state["train_ids"] != _ids_hash(self.examples) or state["seed"] != self.optim.seed:
             raise ValueError(f"checkpoint {path} was made with other training data or seed; cannot resume")
-        blob = torch.load(path / OPTIM_FILE, weights_only=True)  # tensors and plain containers: no pickled code
-        self.optimizer.load_state_dict(blob["optimizer"])
+        # tensors and plain containers, no pickled code; mapped, not read whole, by each rank
+        blob = torch.load(path / OPTIM_FILE, weights_only=True, mmap=True)
+        set_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         random.setstate(blob["python_rng"])
@@ -330,9 +395,9 @@ class GKDTrainer:
         self.history = state["history"]
 
 
-def make_optimizer(student, optim: OptimSettings, device: torch.device):
+def make_optimizer(model, optim: OptimSettings, device: torch.device):
     """AdamW over the trained (fp32) parameters: torch's (fused on CUDA) or torchao's 8-bit one."""
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     if optim.optimizer == "adamw-8bit":
         from torchao.optim import AdamW8bit
 

@@ -308,12 +308,19 @@ def iter_merged_weights(model, dtype: torch.dtype | None = None, *,
         del value
 
 
-def save_hf(model, tokenizer, path: Path, dtype: torch.dtype | None = None) -> None:
+def save_hf(model, tokenizer, path: Path, dtype: torch.dtype | None = None,
+            state: dict[str, torch.Tensor] | None = None) -> None:
     """Hugging Face format (transformers and vLLM load it): LoRA merged in fp32; weights cast to
-    ``dtype`` when given (the serving dtype), else kept as they are (fp32 masters)."""
+    ``dtype`` when given (the serving dtype), else kept as they are (fp32 masters). ``state``: the
+    weights to write instead of the model's own (a sharded model's, gathered: plain state-dict names, tied
+    copies as separate tensors, left out here as ``save_pretrained`` leaves out the model's own)."""
     base = hf_model(model)
-    if is_peft(model) or dtype is not None:
+    if state is not None:
+        tied = _tied_targets(base)
+        state = {k: _cast(v, dtype) for k, v in state.items() if k not in tied}
+    elif is_peft(model) or dtype is not None:
         state = dict(iter_merged_weights(model, dtype))
+    if state is not None:
         saved_dtype = base.config.dtype
         if dtype is not None:
             base.config.dtype = dtype

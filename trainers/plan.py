@@ -69,6 +69,18 @@ fp32 head is cast to bf16 one 32768-row chunk at a time, and in backward each ti
 **Checked** against the live tensor bytes of real trainer steps on CPU (tests/test_plan.py: fp32 and
 bf16-mixed autocast, LoRA, checkpointing): the totals are within 1-2 %, each moment within a few %.
 
+**Several GPUs** (``optim.num_gpus``, ``trainers.distributed``; the plan is per GPU, every GPU alike): the
+student's fp32 weights, gradients and AdamW state are sharded over the N ranks by FSDP2 (/N each); the
+teacher is whole on every GPU; each rank samples, and runs forward and backward on, its own
+``per_device_train_batch_size x gradient_accumulation_steps`` examples, so the activations, the sampler
+and the loss are those of one GPU. On top: what FSDP2 gathers (the root's parameters, embeddings, final
+norm and head, unsharded for a whole forward and backward, and about three layers' fp32 parameters or
+gradients at once: the current layer, the prefetched one and one gradient before its reduce-scatter), and
+a *loading* moment: each rank loads the whole fp32 student before sharding it (rank 0 evaluates the
+starting student then). The autocast weight cache is not sharded (autocast keeps a bf16 copy of each
+gathered Linear weight until the forward ends). This part of the plan is a paper estimate: it is not
+checked against a measurement (CPU ranks share one memory, and no GPU has run it yet).
+
 **Safety margin**: a run fits when the peak is at most ``free - 5 % of total - 1 GB``: the 5 %
 covers allocator fragmentation and library workspaces (cuBLAS, Triton autotuning, CUDA graphs of the
 compiled decode), the 1 GB the CUDA context and kernels (on CPU: the Python process and libraries).
@@ -104,9 +116,9 @@ AO_BLOCK_SIZE = 256  # one fp32 scale per block of 256 values
 LORA_LR_FACTOR = 10  # LoRA typically needs ~10x the full fine-tuning learning rate
 TIGHT_FRACTION = 0.03  # a fit with less than this share of the device to spare is reported as tight
 
-MOMENTS = ("generation", "teacher generation", "teacher forward", "student forward", "loss backward",
+MOMENTS = ("loading", "generation", "teacher generation", "teacher forward", "student forward", "loss backward",
            "layer backward", "optimizer step")
-_SHORT = {"generation": "gen", "teacher generation": "teacher-gen", "teacher forward": "teacher",
+_SHORT = {"loading": "load", "generation": "gen", "teacher generation": "teacher-gen", "teacher forward": "teacher",
           "student forward": "fwd", "loss backward": "loss-bwd", "layer backward": "layer-bwd", "optimizer step": "step"}
 
 
@@ -352,9 +364,16 @@ class MemoryPlan:
     device_total_bytes: int
     available_bytes: int
     fits: bool
+    world: int = 1  # GPUs (ranks) the run trains on; the bytes are per GPU
     summary: list[str] = field(default_factory=list)  # what is planned (models, batch), one line each
     ways_out_detail: list[WayOut] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> str:
+        if self.world == 1:
+            return "one device"
+        return f"student sharded over {self.world} ranks (FSDP2), teacher whole on each"
 
     @property
     def ways_out(self) -> list[str]:
@@ -365,7 +384,8 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return {
-            "fits": self.fits, "device": self.device, "device_type": self.device_type, "precision": self.precision,
+            "fits": self.fits, "device": self.device, "device_type": self.device_type, "ranks": self.world,
+            "layout": self.layout, "precision": self.precision,
             "gradient_checkpointing": self.gradient_checkpointing,
             "total_gb": _gb(self.total_bytes), "available_gb": _gb(self.available_bytes),
             "free_gb": _gb(self.free_bytes), "device_total_gb": _gb(self.device_total_bytes),
@@ -483,8 +503,9 @@ def _working_set(s: ModelShape, tokens: int, seq: int, batch: int, e_c: int, e_s
 
 
 def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: str, free: int, total: int,
-          device_desc: str) -> MemoryPlan:
+          device_desc: str, world: int) -> MemoryPlan:
     st = _resolve(spec, device_type)
+    n = world  # the student's weights, gradients and optimizer state are split n ways
     parts: list[Part] = []
     notes: list[str] = []
     L, C = st.max_length, st.max_new_tokens
@@ -499,10 +520,11 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
     backward = ("loss backward", "layer backward") if st.gc else ("loss backward",)
 
     # static: weights and optimizer state
+    sharded = f" / {n} GPUs (FSDP2)" if n > 1 else ""
     if st.lora is None:
         trained = student.n_params
-        parts.append(Part("student weights", student.n_params * 4 + student.buffer_bytes,
-                          f"fp32 master weights, {_fmt_params(student.n_params)} x 4 B"))
+        parts.append(Part("student weights", student.n_params * 4 // n + student.buffer_bytes,
+                          f"fp32 master weights, {_fmt_params(student.n_params)} x 4 B{sharded}"))
     else:
         trained = student.lora_params(st.lora)
         if trained == 0:
@@ -517,17 +539,27 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
             n for _, i, o in student.lora_targets(st.lora) for n in (st.lora.r * i, st.lora.r * o) if _ao_fp32(n))
         quant = trained - small
         opt = int(quant * 2 * (1 + 4 / AO_BLOCK_SIZE) + small * 8)
-        parts.append(Part("optimizer state", opt, f"torchao AdamW8bit: ~2 B x {_fmt_params(trained)} trained"))
+        parts.append(Part("optimizer state", opt // n, f"torchao AdamW8bit: ~2 B x {_fmt_params(trained)} trained{sharded}"))
     else:
-        parts.append(Part("optimizer state", trained * 8,
-                          f"AdamW exp_avg + exp_avg_sq fp32: 8 B x {_fmt_params(trained)} trained"))
+        parts.append(Part("optimizer state", trained * 8 // n,
+                          f"AdamW exp_avg + exp_avg_sq fp32: 8 B x {_fmt_params(trained)} trained{sharded}"))
     if st.backend == "vllm" and not st.cuda:
         notes.append("generation_backend vllm needs CUDA; the trainer refuses it on CPU")
 
     # gradients
-    parts.append(Part("gradients", trained * 4, f"fp32, 4 B x {_fmt_params(trained)} trained; all of them from the "
-                      "2nd micro-batch on" if GA > 1 else f"fp32, 4 B x {_fmt_params(trained)} trained",
+    parts.append(Part("gradients", trained * 4 // n, f"fp32, 4 B x {_fmt_params(trained)} trained{sharded}"
+                      + ("; all of them from the 2nd micro-batch on" if GA > 1 else ""),
                       grads_in_forward + ("layer backward", "optimizer step")))
+    if n > 1:  # FSDP2: the root's parameters for a whole forward + backward, ~3 layers' at a time
+        root = student.vocab * student.hidden * (1 if student.tied else 2) + student.hidden
+        layer = (student.n_params - root) // max(student.layers, 1)
+        parts.append(Part("FSDP2 gathered", 4 * (root + 3 * layer),
+                          f"fp32 root parameters (embeddings, head, final norm) {_fmt_params(root)} + 3 layers' "
+                          f"parameters or gradients ({_fmt_params(layer)} each), unsharded",
+                          ("generation", "student forward", "loss backward", "layer backward")))
+        parts.append(Part("whole student (loading)", student.n_params * 4,
+                          "every rank loads the fp32 student before sharding it (rank 0 evaluates it then)",
+                          ("loading",)))
 
     # autocast weight cache
     student_generates = spec.gkd.lmbda > 0 and st.backend == "hf"
@@ -624,6 +656,7 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
     # optimizer step temporaries
     largest = student.largest_param if st.lora is None else max((st.lora.r * max(i, o) for _, i, o in
                                                                  student.lora_targets(st.lora)), default=0)
+    largest //= n
     if st.optimizer == "adamw-8bit":
         temps = 3 * largest * 4
         how = "AdamW8bit dequantises one tensor's state at a time (~3 fp32 copies of the largest)"
@@ -651,6 +684,8 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
     for shape, who in ((student, "student"), (teacher, "teacher")):
         if shape.model_type not in ("qwen2", "qwen3", "llama", "mistral"):
             notes.append(f"{who} model_type {shape.model_type!r}: activations assume a Llama/Qwen2 decoder block")
+    if n > 1 and device_type == "cpu":
+        notes.append(f"the {n} CPU ranks share this memory: the verdict counts {n} x the peak")
     summary = [
         f"student {spec.student}: {_fmt_params(student.n_params)} params, "
         + (f"LoRA r={st.lora.r} ({_fmt_params(trained)} trained)" if st.lora else "full fine-tuning")
@@ -659,11 +694,14 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
         f"teacher {spec.teacher}: {_fmt_params(teacher.n_params)} params, {'bf16' if e_f == 2 else 'fp32'}",
         f"batch {B} x accumulation {GA}, max_length {L}, max_new_tokens {C}, generation {st.backend}",
     ]
+    if n > 1:
+        summary.append(f"{n} GPUs (ranks): student sharded with FSDP2, teacher whole on each; global batch "
+                       f"{B * GA * n}; bytes per GPU")
     return MemoryPlan(
         device=device_desc, device_type=device_type, precision="bf16-mixed" if st.mixed else "fp32",
         gradient_checkpointing=st.gc, parts=parts, static_bytes=static, moments=moments, peak_moment=peak_moment,
         total_bytes=total_bytes, free_bytes=free, device_total_bytes=total, available_bytes=available,
-        fits=total_bytes <= available, summary=summary, notes=notes,
+        fits=total_bytes * (n if device_type == "cpu" else 1) <= available, world=n, summary=summary, notes=notes,
     )
 
 
@@ -740,15 +778,21 @@ def _ways_out(spec: RunSpec, plan: MemoryPlan, replan) -> list[WayOut]:
         ways.append(WayOut("a smaller teacher", 0, plan.total_bytes, False,
                            f"the teacher's weights alone take {_gb(teacher)} GB of the {_gb(plan.available_bytes)} GB "
                            "available"))
-    ways.append(WayOut("more GPUs", 0, plan.total_bytes, False,
-                       "not supported yet: atlasd trains on one device (no sharding of the student, teacher or "
-                       "optimizer state across GPUs)"))
+    if o.lora is None and o.optimizer == "adamw" and o.generation_backend == "hf" and plan.device_type == "cuda":
+        more = [replan(_with(spec, num_gpus=g)) for g in (2, 4, 8) if g > plan.world]
+        best = next((p for p in more if p.fits), more[-1] if more else None)
+        if best is not None:
+            ways.append(WayOut(f"optim.num_gpus: {best.world}", plan.total_bytes - best.total_bytes, best.total_bytes,
+                               best.fits, f"the student's weights, gradients and AdamW state sharded over {best.world} "
+                               f"GPUs (FSDP2), the teacher whole on each; global batch x {best.world}; per GPU"))
     return ways
 
 
-def build_plan(spec: RunSpec, *, device_type: str | None = None, device_memory_bytes: int | None = None) -> MemoryPlan:
+def build_plan(spec: RunSpec, *, device_type: str | None = None, device_memory_bytes: int | None = None,
+               gpus: int | None = None) -> MemoryPlan:
     """The memory plan of ``spec`` on ``device_type`` (default: the spec's, ``auto`` resolved here) with
-    ``device_memory_bytes`` of memory (default: measured by ``device_memory``; free = total when given)."""
+    ``device_memory_bytes`` of memory per device (default: measured by ``device_memory``; free = total when
+    given), on ``gpus`` ranks (default: ``optim.num_gpus``, else the GPUs visible here, else 1)."""
     device_type = device_type or resolve_device_type(spec.device)
     if device_type not in ("cpu", "cuda"):
         raise PlanError(f"device: {device_type!r} is neither cpu nor cuda")
@@ -765,10 +809,14 @@ def build_plan(spec: RunSpec, *, device_type: str | None = None, device_memory_b
             name = _device_name(device_type)
             desc = f"{device_type}{' ' + name if name else ''} ({_gb(free)} GB free of {_gb(total)} GB)"
 
-    def replan(s: RunSpec) -> MemoryPlan:
-        return _plan(s, model_shape(s.student, "student"), teacher, device_type, free, total, desc)
+    if gpus is None:
+        gpus = spec.optim.num_gpus or _visible_gpus(device_type)
 
-    plan = _plan(spec, student, teacher, device_type, free, total, desc)
+    def replan(s: RunSpec) -> MemoryPlan:
+        return _plan(s, model_shape(s.student, "student"), teacher, device_type, free, total, desc,
+                     s.optim.num_gpus or gpus)
+
+    plan = _plan(spec, student, teacher, device_type, free, total, desc, gpus)
     if not plan.fits:
         plan.ways_out_detail = _ways_out(spec, plan, replan)
     elif _tight(plan):
@@ -781,6 +829,14 @@ def build_plan(spec: RunSpec, *, device_type: str | None = None, device_memory_b
     return plan
 
 
+def _visible_gpus(device_type: str) -> int:
+    if device_type != "cuda":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 def check_memory(spec: RunSpec, *, device_type: str | None = None,
                  device_memory_bytes: int | None = None) -> MemoryPlan:
     """The plan; raises ``PlanRefused`` (its message: the table and the ways out) when it does not fit."""
@@ -791,7 +847,7 @@ def check_memory(spec: RunSpec, *, device_type: str | None = None,
 
 
 def format_plan(plan: MemoryPlan) -> str:
-    lines = [f"Memory plan on {plan.device}"]
+    lines = [f"Memory plan on {plan.device}" + (f", per GPU of {plan.world}" if plan.world > 1 else "")]
     lines += [f"  {s}" for s in plan.summary]
     width = max(len(p.name) for p in plan.parts)
     whens = {p.name: "always" if p.static else ",".join(_SHORT[m] for m in p.when) for p in plan.parts}
@@ -865,7 +921,7 @@ def disk_plan(spec: RunSpec, plan: MemoryPlan) -> DiskPlan:
     from trainers.gkd import KEEP_CHECKPOINTS
 
     student = model_shape(spec.student, "student")
-    checkpoint = plan.part("student weights").bytes + plan.part("optimizer state").bytes
+    checkpoint = (plan.part("student weights").bytes + plan.part("optimizer state").bytes) * plan.world  # consolidated
     final = student.n_params * (2 if plan.precision == "bf16-mixed" else 4)
     folder = spec.output_dir
     existing = sum(_tree_bytes(folder / d) for d in ("checkpoints", "final"))
@@ -894,7 +950,7 @@ EXIT_DOES_NOT_FIT = 3
 
 
 def plan_command(spec_path: str, *, device: str | None = None, memory_gb: float | None = None,
-                 as_json: bool = False, stream=None) -> int:
+                 gpus: int | None = None, as_json: bool = False, stream=None) -> int:
     """``python -m trainers plan``: print the plan (table or JSON); exit 0 if it fits, 3 if it does not,
     2 for a bad spec or a plan that cannot be made (unreadable model config, no memory size)."""
     import json
@@ -908,8 +964,10 @@ def plan_command(spec_path: str, *, device: str | None = None, memory_gb: float 
         if memory_gb is not None and not memory_gb > 0:
             raise PlanError(f"--device-memory-gb must be positive, not {memory_gb:g}")
         spec = load_spec(spec_path)
+        if gpus is not None and gpus < 1:
+            raise PlanError(f"--gpus must be at least 1, not {gpus}")
         plan = build_plan(spec, device_type=device,
-                          device_memory_bytes=int(memory_gb * GiB) if memory_gb is not None else None)
+                          device_memory_bytes=int(memory_gb * GiB) if memory_gb is not None else None, gpus=gpus)
     except BadSpec as exc:
         if as_json:
             stream.write(json.dumps({"fits": None, "error": str(exc)}) + "\n")

@@ -5,6 +5,10 @@ run sees exactly the same examples), evaluation of the starting student, GKD tra
 checkpoints, evaluation of the final model, baseline comparison, ``output_dir/result.json``.
 SIGTERM/SIGINT: the current step is abandoned, a checkpoint of the last finished step is saved,
 exit 75 (resume with ``resume: true`` in the spec).
+
+On several GPUs (``trainers.distributed.world_size``) this process checks the spec and makes the plan,
+then launches the ranks and waits: rank 0 alone reads the database, evaluates, prints the JSON lines
+and writes ``result.json`` and ``final/``; every rank trains its share of each step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -30,6 +35,9 @@ from atlasd.runspec import (
     RunSpec,
 )
 from trainers.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from trainers.distributed import Ranks
 
 
 class BadSpec(ValueError):
@@ -85,6 +93,18 @@ def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
     if not spec.resume and any((spec.output_dir / d).exists() for d in ("final", "checkpoints")):
         errors.append(f"output_dir: {spec.output_dir} already holds checkpoints of a run; set resume: true "
                       "or use a new output_dir")
+    from trainers.distributed import world_size
+
+    try:
+        world = world_size(spec)
+    except ValueError as exc:
+        errors.append(str(exc))
+        world = 1
+    for name, unsupported in (("optim.lora", spec.optim.lora is not None),
+                              ("optim.generation_backend: vllm", spec.optim.generation_backend == "vllm"),
+                              ("optim.optimizer: adamw-8bit", spec.optim.optimizer == "adamw-8bit")):
+        if world > 1 and unsupported:
+            errors.append(f"{name} is not supported on {world} GPUs (ranks) yet; set optim.num_gpus: 1")
     if spec.resume and not (spec.output_dir / "data" / "train.jsonl").is_file():
         warnings.append(f"resume: no data snapshot in {spec.output_dir / 'data'}; the run starts from scratch")
     return errors, warnings
@@ -188,16 +208,40 @@ def run(spec_path: str | Path, stream=None) -> int:
         tel.emit("done", status="failed", exit_code=EXIT_BAD_SPEC)
         print(f"trainers: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
+    from trainers.distributed import ALONE, launch, world_size
 
+    world = world_size(spec)
+    if world > 1:
+        return launch(world, _rank, spec, warnings, plan, t_start)
+    return _train(spec, warnings, plan, t_start, tel, ALONE)
+
+
+def _rank(spec: RunSpec, warnings: list[str], plan, t_start: float) -> None:
+    """One rank of a multi-GPU run (``trainers.distributed.launch``); exits with the run's status."""
+    from trainers.distributed import Ranks
+    from trainers.models import resolve_device
+
+    ranks = Ranks.join(resolve_device(spec.device).type)
+    tel = Telemetry(spec.run_id, stream=None if ranks.main else open(os.devnull, "w"))  # noqa: SIM115
+    try:
+        code = _train(spec, warnings, plan, t_start, tel, ranks)
+    finally:
+        ranks.leave()
+    sys.exit(code)
+
+
+def _train(spec: RunSpec, warnings: list[str], plan, t_start: float, tel: Telemetry, ranks: Ranks) -> int:
+    """The run after its checks, in this process (``ranks``: alone, or one of several)."""
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     stop = _Stop()
     stop.install()
     result = RunResult(run_id=spec.run_id, status="failed")
     trainer = None
     code = EXIT_FAILED
-    tel.start_heartbeat()
+    if ranks.main:
+        tel.start_heartbeat()
     tel.emit("start", policy=spec.policy, gear=spec.gear, trigger=spec.trigger, resume=spec.resume,
-             config_hash=spec.config_hash(), warnings=warnings, pid=os.getpid())
+             config_hash=spec.config_hash(), warnings=warnings, pid=os.getpid(), ranks=ranks.world)
     if plan is not None:
         tel.emit("plan", **plan.as_dict())
     try:
@@ -209,9 +253,9 @@ def run(spec_path: str | Path, stream=None) -> int:
 
         try:
             judge = load_judge(spec.eval.judge)
-            device = resolve_device(spec.device)
+            device = ranks.device(resolve_device(spec.device))
             tel.set_phase("dataset")
-            train, evl, meta = _dataset(spec, tel)
+            train, evl, meta = ranks.on_main(lambda: _dataset(spec, tel))  # one database reader
             result.n_train, result.n_eval, result.skipped = len(train), len(evl), meta["skipped"]
             if not train:
                 raise ValueError(f"no training examples in window ({spec.traces.window_lo}, {spec.traces.window_hi}]; "
@@ -237,13 +281,13 @@ def run(spec_path: str | Path, stream=None) -> int:
             start_file = spec.output_dir / "eval" / "start.json"
             if spec.resume and start_file.is_file():
                 result.eval_start = EvalReport.model_validate_json(start_file.read_text())
-            elif evl:
-                result.eval_start = _evaluate("start", student, spec, tok, teacher, evl, judge, device, tel, stop,
-                                              precision)
+            elif evl:  # rank 0 alone, before the student is sharded
+                result.eval_start = ranks.on_main(lambda: _evaluate("start", student, spec, tok, teacher, evl, judge,
+                                                                    device, tel, stop, precision))
             trainer = GKDTrainer(student=student, teacher=teacher, tokenizer=tok, train=train, gkd=spec.gkd,
                                  optim=spec.optim, output_dir=spec.output_dir, device=device, telemetry=tel,
                                  stop=stop, vllm=vllm, precision=precision,
-                                 serve_dtype=serving_dtype(spec.student, precision))
+                                 serve_dtype=serving_dtype(spec.student, precision), ranks=ranks)
             if checkpoint is not None and not finished:
                 trainer.restore(checkpoint)
                 tel.emit("resumed", step=trainer.step, path=str(checkpoint))
@@ -252,7 +296,7 @@ def run(spec_path: str | Path, stream=None) -> int:
             result.steps = outcome.steps
             result.checkpoint = str(outcome.final_dir)
             result.train_metrics = _train_metrics(trainer)
-            if evl:  # what is registered: final/ as saved, reloaded (the trained copy is dropped first)
+            if evl and ranks.main:  # what is registered: final/ as saved, reloaded (the trained copy dropped first)
                 trainer.release()
                 del student
                 registered = load_causal_lm(str(outcome.final_dir), device,
@@ -279,7 +323,9 @@ def run(spec_path: str | Path, stream=None) -> int:
             result.steps = trainer.step
             result.train_metrics = result.train_metrics or _train_metrics(trainer)
         result.wall_time_s = round(time.time() - t_start, 3)
-        path = result.dump(spec.output_dir / "result.json")
+        path = spec.output_dir / "result.json"
+        if ranks.main:
+            result.dump(path)
         tel.emit("done", status=result.status, exit_code=code, steps=result.steps, result=str(path),
                  checkpoint=result.checkpoint)
         tel.close()

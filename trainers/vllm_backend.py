@@ -37,13 +37,12 @@ is not used directly):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 
 import torch
 
-from trainers.generation import Sampling, cut_at_stop
+from trainers.generation import Sampling, cut_at_stop, request_seeds
 from trainers.models import iter_merged_weights
 
 VLLM_MIN, VLLM_MAX = "0.22.0", "0.31.0"  # what TRL 1.16 supports (trl.import_utils.is_vllm_available)
@@ -51,17 +50,7 @@ MAX_NUM_BATCHED_TOKENS = 4096  # as TRL colocate
 MAX_MASKED_IDS = 1024  # vLLM model runner V2: at most this many logit_bias entries per request
 
 
-# --- seeds and sampling parameters (pure) ------------------------------------------------------
-def request_seeds(seed: int, step: int, n: int) -> list[int]:
-    """Per-request vLLM seeds of optimizer step ``step``: a hash of (seed, step, i), in [0, 2**63)
-    (vLLM keeps request seeds as int64). Deterministic across processes and Python versions."""
-    out = []
-    for i in range(n):
-        digest = hashlib.sha256(f"atlasd/vllm/{int(seed)}/{int(step)}/{i}".encode()).digest()
-        out.append(int.from_bytes(digest[:8], "big") & (2**63 - 1))
-    return out
-
-
+# --- sampling parameters (pure) ----------------------------------------------------------------
 def sampling_params_kwargs(sampling: Sampling, seed: int, *, engine_vocab_size: int | None = None) -> dict:
     """``vllm.SamplingParams`` keyword arguments: the distribution and stop set of ``sampling`` only.
 
