@@ -31,15 +31,12 @@ from apscheduler.triggers.cron import CronTrigger
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError, model_validator
 
 from atlasd.runspec import (
-    EXAMPLES_HELP,
-    MAX_SESSION_BYTES,
-    MAX_SESSION_BYTES_LIMIT,
     EvalSpec,
-    ExampleMode,
     GKDSettings,
     MlflowTarget,
     OptimSettings,
     RunSpec,
+    SessionFilters,
     Targets,
     TraceSelection,
     _Strict,
@@ -161,17 +158,9 @@ class Trigger(_Strict):
         return "batch" if self.batch is not None else "cron"
 
 
-class Filters(_Strict):
+class Filters(SessionFilters):
     """Which recorded traces count toward a gear and go into its runs. Defaults: the fast gear."""
 
-    min_reward: float = Field(0.8, ge=0, le=1, description="Minimum session reward (reward_stats.score).")
-    max_age_days: float | None = Field(
-        None, gt=0, le=36_500, description="Ignore sessions created longer ago than this (at most 100 years).")
-    rehearsal_fraction: float = Field(0.1, ge=0, lt=1, description="Share of older approved traces mixed in.")
-    max_session_bytes: int = Field(
-        MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
-        description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
-    examples: ExampleMode = Field("per_turn", description=EXAMPLES_HELP)
     max_traces: int = Field(
         20_000, gt=0, le=10_000_000,
         description="At most this many new traces go into one run, the newest; older pending ones are skipped "
@@ -262,15 +251,11 @@ class Policy(_Strict):
             base_student=self.student,
             champion_version=champion_version,
             traces=TraceSelection(
+                **g.filters.model_dump(include=set(SessionFilters.model_fields)),
                 learning_key=self.learning_key,
-                min_reward=g.filters.min_reward,
-                max_age_days=g.filters.max_age_days,
                 window_lo=window_lo,
                 window_hi=window_hi,
-                rehearsal_fraction=g.filters.rehearsal_fraction,
                 rehearsal_seed=window_hi,
-                max_session_bytes=g.filters.max_session_bytes,
-                examples=g.filters.examples,
             ),
             gkd=g.gkd,
             optim=g.optim,

@@ -154,19 +154,26 @@ EXAMPLES_HELP = ("Training examples per session: per_turn (one per assistant tur
                  "saw before it) or last_turn. The eval set always uses the last turn.")
 
 
-class TraceSelection(_Strict):
-    db_url: str | None = Field(None, description="Atlas DB URL; default $ATLASD_DB_URL. Never logged.")
-    learning_key: str | None = Field(None, description="Only sessions of this task family; None: all.")
-    min_reward: float = Field(0.8, ge=0, le=1)
-    max_age_days: float | None = Field(None, gt=0, le=36_500)
-    window_lo: int = Field(0, ge=0, description="Intake seq range (lo, hi] of new traces.")
-    window_hi: int = Field(..., ge=0)
+class SessionFilters(_Strict):
+    """Which recorded sessions a run takes, and how: a policy gear's ``filters`` (atlasd.policies.Filters
+    adds the cadence's ``max_traces``) and the run spec's ``traces``."""
+
+    min_reward: float = Field(0.8, ge=0, le=1, description="Minimum session reward (reward_stats.score).")
+    max_age_days: float | None = Field(
+        None, gt=0, le=36_500, description="Ignore sessions created longer ago than this (at most 100 years).")
     rehearsal_fraction: float = Field(0.1, ge=0, lt=1, description="Share of older approved traces mixed in.")
-    rehearsal_seed: int = 0
     max_session_bytes: int = Field(
         MAX_SESSION_BYTES, gt=0, le=MAX_SESSION_BYTES_LIMIT,
         description="Skip a session (reason 'oversized') whose text for the trainer is larger than this.")
     examples: ExampleMode = Field("per_turn", description=EXAMPLES_HELP)
+
+
+class TraceSelection(SessionFilters):
+    db_url: str | None = Field(None, description="Atlas DB URL; default $ATLASD_DB_URL. Never logged.")
+    learning_key: str | None = Field(None, description="Only sessions of this task family; None: all.")
+    window_lo: int = Field(0, ge=0, description="Intake seq range (lo, hi] of new traces.")
+    window_hi: int = Field(..., ge=0)
+    rehearsal_seed: int = 0
 
     @model_validator(mode="after")
     def _window(self) -> TraceSelection:
