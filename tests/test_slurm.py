@@ -463,3 +463,28 @@ def test_kill_9_of_the_daemon_process_while_its_job_runs(db_url, tmp_path, slurm
         assert daemon.stop() == 0
     finally:
         chaos.cleanup()
+
+
+def test_the_real_trainer_runs_as_a_job_on_the_real_cluster(db_url, tiny_models, tmp_path, slurm_cluster):
+    """The real daemon, the real trainer (tiny models) and the real Slurm: the run is a batch job,
+    its lines reach the run row, it succeeds, is registered and promoted; the row names the job."""
+    from atlasd.testing.daemon import wait_until
+    from tests.test_runner import daemon, enqueue, runs, seed, wait_state
+    from tests.test_runner import write_policy as write_runner_policy
+
+    policies = tmp_path / "policies"
+    write_runner_policy(policies, "math", tiny_models)
+    run_id = enqueue(db_url, "math", seed(db_url))
+    env = {"ATLASD_EXECUTOR": "slurm", "ATLASD_SLURM_SHARED_DIR": str(tmp_path), "ATLASD_SLURM_POLL_S": "0.5",
+           "ATLASD_SLURM_PARTITION": "gpu", "SLURM_CONF": str(slurm_cluster.conf)}
+    with daemon(db_url, policies, tmp_path / "state", **env) as d:
+        done = wait_state(db_url, run_id, {"succeeded", "failed"})
+        assert done["state"] == "succeeded", done["error"]
+        wait_until(lambda: runs(db_url)[run_id]["model_version"], 120, "the run's registration")
+        assert d.stop() == 0
+    done = runs(db_url)[run_id]
+    assert done["metrics"]["step"] == 4 and done["result"]["steps"] == 4 and done["model_version"] == "1"
+    job = done["pid"]  # the Slurm executor records the job id
+    assert executor_info(run_id, done["output_dir"], job) == {"executor": "slurm", "job_id": job,
+                                                              "job_name": f"atlasd-run-{run_id}"}
+    assert any(e.get("event") == "run started" and e.get("pid") == job for e in d.events)
