@@ -1,5 +1,5 @@
 """The daemon's component interface: what the cadence, the runner, the registration retrier, the
-metrics endpoint and the gc implement, and how the daemon drives them (:mod:`atlasd.daemon`).
+taint tagger, the metrics endpoint and the gc implement, and how the daemon drives them (:mod:`atlasd.daemon`).
 
 A component overrides the hooks it needs; the others do nothing. ``health`` (an
 :class:`atlasd.health.Health`), when a component has one, adds its faults to the daemon's
@@ -27,6 +27,9 @@ class Component:
 
     async def on_intake(self, recorded: int) -> None:
         """After a reconcile that recorded >= 1 new usable session."""
+
+    async def on_revoked(self, revoked: int) -> None:
+        """After a reconcile that revoked >= 1 recorded session."""
 
     async def reload(self) -> None:
         """SIGHUP."""

@@ -49,7 +49,7 @@ from atlasd.executor import executor_for
 from atlasd.logging import configure_logging, get_logger
 from atlasd.metrics import MetricsComponent
 from atlasd.policies import PolicySet
-from atlasd.promotions import RegistrationRetrier
+from atlasd.promotions import RegistrationRetrier, TaintTagger
 from atlasd.retention import GcComponent
 from atlasd.runner import RunnerComponent
 from atlasd.sdnotify import Notifier, watchdog_interval_s
@@ -402,6 +402,12 @@ class Daemon:
                     await component.on_intake(result.recorded)
                 except Exception:
                     self.log.exception("component failed on intake", component_name=component.name)
+        if result.revoked:
+            for component in self._started:
+                try:
+                    await component.on_revoked(result.revoked)
+                except Exception:
+                    self.log.exception("component failed on a revocation", component_name=component.name)
         return True
 
     async def _reload(self) -> None:
@@ -417,7 +423,7 @@ class Daemon:
 
 def build_daemon(settings: Settings) -> Daemon:
     """The daemon and its components, started in this order: cadence, runner, registrations,
-    metrics, gc. One live policy set (loaded and reloaded by the cadence) for all of them."""
+    taints, metrics, gc. One live policy set (loaded and reloaded by the cadence) for all of them."""
     policies = PolicySet(settings.policies_dir)
     registrar = RegistrationRetrier(settings)
     daemon = Daemon(settings, policies)
@@ -425,6 +431,7 @@ def build_daemon(settings: Settings) -> Daemon:
         CadenceComponent(settings, policies),
         RunnerComponent(settings, executor_for(settings), policies=policies, registrar=registrar),
         registrar,
+        TaintTagger(settings, policies),
         MetricsComponent(settings),
         GcComponent(settings),
     ]

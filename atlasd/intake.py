@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from atlasd import lineage
 from atlasd.db import iso
 
 # The readiness rule over a `sessions s` row: the SQL function of migration 0008 (its one definition).
@@ -102,9 +103,10 @@ _REVOKE = sql.SQL(
           FROM (SELECT x.seq, """ + _STILL_READY + """ AS ready
                   FROM atlasd.intake x WHERE x.seq = ANY(%(seqs)s)) c
          WHERE i.seq = c.seq AND (i.revoked_at IS NULL) <> c.ready
-        RETURNING c.ready
+        RETURNING c.ready, i.seq
     )
-    SELECT count(*) FILTER (WHERE NOT ready), count(*) FILTER (WHERE ready) FROM changed"""
+    SELECT count(*) FILTER (WHERE NOT ready), count(*) FILTER (WHERE ready),
+           coalesce(array_agg(seq) FILTER (WHERE NOT ready), '{{}}') FROM changed"""
 )
 
 
@@ -226,14 +228,17 @@ async def _insert_batch(
 
 async def _revocations(conn: psycopg.AsyncConnection, where: sql.Composable, params: dict) -> IntakeResult:
     """Revoke the recorded rows of ``where`` whose session stopped being ready, restore those ready
-    again: find them, then update just those (one short transaction)."""
+    again: find them, then update just those, and taint the runs that trained on the revoked ones
+    (``atlasd.lineage.on_revoked``), in one short transaction."""
     async with conn.transaction():
         seqs = [row[0] for row in await (await conn.execute(
             _CHANGED.format(filter=where, ready=sql.SQL(READY)), params)).fetchall()]
         if not seqs:
             return IntakeResult()
         cur = await conn.execute(_REVOKE.format(ready=sql.SQL(READY)), {"seqs": seqs})
-        revoked, restored = await cur.fetchone()
+        revoked, restored, revoked_seqs = await cur.fetchone()
+        if revoked_seqs:
+            await lineage.on_revoked(conn, revoked_seqs)
     return IntakeResult(revoked=revoked, restored=restored)
 
 

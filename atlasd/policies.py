@@ -205,6 +205,9 @@ class Policy(_Strict):
     retry: RetrySettings = RetrySettings()
     resume_interrupted: bool = Field(True, description="Re-queue an interrupted run to resume from its checkpoint.")
     catchup_window: Duration | None = Field(None, description="Override of ATLASD_CATCHUP_WINDOW_S for this policy.")
+    on_taint: Literal["none", "retrain"] = Field(
+        "none", description="When a session a run trained on is revoked (its version is tagged atlasd.tainted either "
+        "way): retrain queues a clean run of that gear over the same window, once per run.")
     gears: dict[Name, Gear] = Field(..., min_length=1)
 
     @model_validator(mode="after")
@@ -215,6 +218,15 @@ class Policy(_Strict):
             raise ValueError("every gear of a policy must have the same eval.eval_fraction and eval.split_salt (the "
                              "frozen eval split is per policy); gears have " + ", ".join(
                                  f"{name}: {g.eval.eval_fraction:g}/{g.eval.split_salt!r}" for name, g in self.gears.items()))
+        return self
+
+    @model_validator(mode="after")
+    def _drift_on_probe_sets(self) -> Policy:
+        if self.targets.max_drift is not None:
+            missing = [name for name, g in self.gears.items() if not g.eval.probe_set]
+            if missing:
+                raise ValueError("targets.max_drift is measured on the probe set: set eval.probe_set in gear(s) "
+                                 + ", ".join(missing))
         return self
 
     @property
@@ -483,6 +495,17 @@ def parse_policy(text: str, *, file: str, stem: str, base_dir: Path | None = Non
                 data[key] = _resolve_model_path(data[key], base_dir)
             except RuntimeError as exc:  # "~nosuchuser/model": no such home directory
                 issue = PolicyIssue(file, key, f"cannot expand {data[key]!r}: {exc}", _line_of(node, (key,)))
+                raise PolicyFileError(file, [issue]) from None
+    gears = data.get("gears") if isinstance(data.get("gears"), dict) else {}
+    for gear_name, gear in gears.items():  # a gear's probe set is a path like the models'
+        evl = gear.get("eval") if isinstance(gear, dict) else None
+        if isinstance(evl, dict) and isinstance(evl.get("probe_set"), str):
+            try:
+                evl["probe_set"] = _resolve_model_path(evl["probe_set"], base_dir)
+            except RuntimeError as exc:
+                loc = ("gears", gear_name, "eval", "probe_set")
+                issue = PolicyIssue(file, ".".join(map(str, loc)), f"cannot expand {evl['probe_set']!r}: {exc}",
+                                    _line_of(node, loc))
                 raise PolicyFileError(file, [issue]) from None
     try:
         return Policy.model_validate(data)

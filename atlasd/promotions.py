@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from atlasd import queue
+from atlasd import lineage, queue
 from atlasd.component import Component
 from atlasd.db import aconnect
 from atlasd.logging import get_logger
@@ -59,7 +59,7 @@ from atlasd.runspec import EXIT_BAD_INPUT, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAIL
 from atlasd.settings import Settings, child_env, redact_url, without_password
 
 if TYPE_CHECKING:
-    from atlasd.policies import Policy
+    from atlasd.policies import Policy, PolicySet
 
 CHANNEL = "atlasd_promotions"
 REGISTRY_TIMEOUT_S = 3600.0  # finalize may upload a large checkpoint or re-measure the champion
@@ -401,9 +401,11 @@ async def _attempt(settings: Settings, conn: psycopg.AsyncConnection, run_id: in
     """One ``registry finalize`` and, when it succeeded, its audit row and the registration marked
     done, all while the caller holds the policy's lock (the audit rows of a policy are written in
     the order its champion moved). Returns the outcome and, when registered, the registration."""
+    revoked = await lineage.revoked_count(conn, run_id)  # read under the policy's lock, just before the gate
     args = ["finalize", "--spec", str(spec_path), "--result", str(result_path), "--source", settings.registry_source,
             "--artifact-root", str(settings.state_dir.resolve() / "mlartifacts"), "--cache-dir", _cache_dir(settings),
-            *(["--log", str(log_path)] if log_path else []), *(["--defer-measure"] if defer_measure else [])]
+            *(["--log", str(log_path)] if log_path else []), *(["--defer-measure"] if defer_measure else []),
+            *(["--revoked", str(revoked)] if revoked is not None else [])]
     outcome = await run_registry(settings, *args)
     if outcome.code != EXIT_OK:
         return outcome, None
@@ -531,6 +533,72 @@ class RegistrationRetrier(Component):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+
+# ---------------------------------------------------------------- taint (atlasd.lineage)
+async def tag_taints(settings: Settings, policies: PolicySet | None) -> list[dict]:
+    """Tag every registered version whose run's revoked count grew (``atlasd.lineage.due``) with
+    ``atlasd.tainted`` (``python -m registry taint``) and record it (queuing the run's clean retrain
+    when its policy says ``on_taint: retrain``); a failed tag is retried with backoff. A tainted
+    champion is only logged, as a warning: it is never rolled back automatically."""
+    log = get_logger("lineage")
+    done = []
+    async with await aconnect(settings.dsn, autocommit=True, application_name="atlasd-registry") as conn:
+        for item in await lineage.due(conn):
+            fields = {"run_id": item.run_id, "policy": item.policy, "model_version": item.model_version,
+                      "revoked_sessions": item.revoked}
+            outcome = await run_registry(settings, "taint", "--model", item.registered_model, "--version",
+                                         item.model_version, "--count", str(item.revoked))
+            if outcome.code != EXIT_OK:
+                delay = await lineage.tag_failed(conn, item.run_id, item.attempts + 1, outcome.error)
+                log.warning("taint tag deferred", exit_code=outcome.code, error=outcome.error[:500], retry_in_s=delay,
+                            **fields)
+                continue
+            retrain = await lineage.tagged(conn, item, policies.get(item.policy) if policies else None)
+            if outcome.payload.get("champion"):
+                log.warning("the champion is tainted: it learned from revoked sessions; it is not rolled back "
+                            "automatically (`atlasd rollback POLICY`)", retrain_run_id=retrain, **fields)
+            else:
+                log.info("model version tainted", retrain_run_id=retrain, **fields)
+            done.append({**fields, "retrain_run_id": retrain, "champion": outcome.payload.get("champion")})
+    return done
+
+
+class TaintTagger(Component):
+    """Daemon component: tags the versions of runs that trained on a revoked session, at once when a
+    reconcile revoked something (:meth:`on_revoked`) and every ``poll_interval_s`` (retries, a
+    registration done since), not while the daemon re-takes its lock. Its own loop: a registration
+    waiting for the GPU slot never holds a taint back. What is still to tag stays in atlasd.lineage."""
+
+    name = "taints"
+
+    def __init__(self, settings: Settings, policies: PolicySet | None = None):
+        self.settings = settings
+        self.policies = policies
+        self._task: asyncio.Task | None = None
+        self._kicked = asyncio.Event()
+
+    async def start(self, daemon: Any) -> None:
+        self._task = asyncio.create_task(self._loop(daemon.stopping, daemon.lock_held))
+
+    async def on_revoked(self, revoked: int) -> None:
+        self._kicked.set()
+
+    async def _loop(self, stopping: asyncio.Event, lock_held: asyncio.Event) -> None:
+        log = get_logger("lineage")
+        while not stopping.is_set():
+            await lock_held.wait()
+            self._kicked.clear()
+            try:
+                await tag_taints(self.settings, self.policies)
+            except Exception as exc:  # noqa: BLE001 - the database may be away; next round retries
+                log.warning("taint tagging failed", error=redact_url(str(exc)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kicked.wait(), self.settings.poll_interval_s)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- purge

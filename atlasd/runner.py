@@ -18,8 +18,9 @@ that far (its data snapshot exists) and that folder is a run folder under ``STAT
 (a row pointing elsewhere is never trusted); else it starts over from the current champion.
 
 One transaction writes the outcome, the follow-up decision with the retry/resume run it calls
-for, and the pending ``atlasd.registrations`` row of a run to register (succeeded, or failed with
-a result). The registration itself runs in the registration component
+for, the pending ``atlasd.registrations`` row of a run to register (succeeded, or failed with
+a result) and a succeeded run's lineage (``atlasd.lineage``: the sessions of its training
+manifest, whose hash the runner adds to its copy of the result). The registration itself runs in the registration component
 (``atlasd.promotions.RegistrationRetrier``), so the GPU slot is free as soon as the trainer is
 gone. Database writes of this path are retried with backoff while the database refuses or drops
 connections (given up only once the daemon stops: the next start's reconcile completes them);
@@ -54,14 +55,14 @@ import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 
-from atlasd import evalsplit, promotions, queue
+from atlasd import evalsplit, lineage, promotions, queue
 from atlasd.component import Component
 from atlasd.db import safe_error
 from atlasd.executor import Executor, ExitInfo, LocalExecutor, RunHandle
@@ -666,9 +667,13 @@ class RunnerComponent(Component):
         A run no longer running (concluded by an earlier attempt whose commit was not acknowledged)
         is left as it is."""
         follow = self._follow_up_for(run, outcome, policy) if outcome.state in ("failed", "interrupted") else None
-        files = None
+        files = manifest = None
         if outcome.state in ("succeeded", "failed") and outcome.result is not None:
             output_dir = handle.run_dir if handle is not None else Path(run.output_dir)
+            if outcome.state == "succeeded":
+                manifest = self._manifest(output_dir, log)
+                if manifest is not None:
+                    outcome = replace(outcome, result=outcome.result.model_copy(update={"manifest_hash": manifest.hash}))
             files = self._registration_files(run.id, output_dir, outcome.result, log)
         result_json = outcome.result.model_dump(mode="json") if outcome.result else None
 
@@ -687,6 +692,8 @@ class RunnerComponent(Component):
                                follow_up=follow)
                 if files is not None:
                     await promotions.queue_registration(conn, run.id, *files)
+                if manifest is not None:
+                    await lineage.record(conn, run.id, manifest)
                 if follow in ("retry", "resume"):
                     return True, await queue.enqueue_followup(conn, run.id, follow)
                 return True, None
@@ -705,6 +712,16 @@ class RunnerComponent(Component):
             self._wake.set()
         if files is not None:
             self._kick_registration()
+
+    @staticmethod
+    def _manifest(output_dir: Path, log) -> lineage.Manifest | None:
+        """The training manifest of a succeeded run (None: its trainer wrote none, or it cannot be
+        read: then no lineage is recorded and the version is never tainted; logged)."""
+        try:
+            return lineage.read_manifest(output_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("training manifest unreadable; the run's lineage is not recorded", error=str(exc))
+            return None
 
     def _registration_files(self, run_id: int, output_dir: Path, result: RunResult, log) -> tuple[Path, Path, Path]:
         """The files to register; this run's own copy of its result, which a retry resuming in the

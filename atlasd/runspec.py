@@ -105,6 +105,10 @@ class EvalSpec(_Strict):
     max_samples: int = Field(200, gt=0, description="Cap on eval sessions (the same ones each run).")
     max_new_tokens: int = Field(256, gt=0)
     split_salt: str = Field("", description="Changes which sessions the frozen split holds; default: policy name.")
+    probe_set: str | None = Field(
+        None, description="A general probe set: a JSON-lines file of {\"prompt\" or \"messages\", \"answer\"} rows, "
+        "judged like the eval set; one more slice of the non-regression check, and the prompts on which drift from the "
+        "base student is measured (trainers/evaluate.py).")
 
 
 class Targets(_Strict):
@@ -115,6 +119,12 @@ class Targets(_Strict):
     min_success_delta: float = Field(0.10, ge=-1, le=1)
     min_token_reduction_pct: float = Field(30.0, le=100)
     must_beat_champion: bool = True
+    max_regression_pp: float = Field(
+        2.0, ge=0, le=100, description="No slice (learning key of the eval set, probe set) may fall by more than this "
+        "many percentage points of success against the champion (registry/gate.py).")
+    max_drift: float | None = Field(
+        None, gt=0, description="Refuse a challenger whose drift (mean per-token KL to the base student on the probe "
+        "set's greedy completions) is above this; None: drift is reported, not gated. Needs eval.probe_set.")
 
     def summarize(self, report: EvalReport) -> BaselineSummary:
         """Compare an eval report with the baseline, with Atlas Core's formulas (docs/atlas-sdk.md):
@@ -259,6 +269,25 @@ class TargetCheck(_Strict):
     reason: str = ""
 
 
+class SliceResult(_Strict):
+    """A model's success on one slice of an evaluation (the examples of one learning key, the probe set)."""
+
+    n_samples: int
+    success_rate: float
+
+
+class ProbeReport(_Strict):
+    """A model on the policy's probe set (``eval.probe_set``) and its drift from the base student."""
+
+    probe_set_hash: str = Field(..., description="Hash of the probe rows: equal hash, comparable metrics.")
+    n_samples: int
+    success_rate: float
+    avg_tokens: float
+    drift_kl: float | None = Field(
+        None, description="Mean per-token KL(model || base student) on the model's greedy probe completions.")
+    samples_path: str | None = None
+
+
 class EvalReport(_Strict):
     """What `python -m trainers eval` reports for one checkpoint on the frozen split."""
 
@@ -269,6 +298,9 @@ class EvalReport(_Strict):
     avg_tokens: float
     reverse_kl: float | None = None
     samples_path: str | None = None
+    slices: dict[str, SliceResult] = Field(
+        default_factory=dict, description="Per learning key of the eval set (examples without one are in no slice).")
+    probe: ProbeReport | None = None
 
 
 class BaselineSummary(_Strict):
@@ -278,6 +310,13 @@ class BaselineSummary(_Strict):
     meets_token_target: bool | None
     meets_all_targets: bool
     checks: list[TargetCheck] = []
+
+
+def manifest_path(examples: str | Path) -> Path:
+    """The manifest beside a JSON-lines file of examples (``data/train.jsonl`` -> ``data/train.manifest.json``):
+    the sessions they come from and a hash of them (trainers.dataset.save_examples writes it)."""
+    path = Path(examples)
+    return path.with_name(path.stem + ".manifest.json")
 
 
 class RunResult(_Strict):
@@ -296,6 +335,9 @@ class RunResult(_Strict):
     baseline: BaselineSummary | None = None
     wall_time_s: float = 0.0
     error: str | None = None
+    manifest_hash: str | None = Field(
+        None, description="Hash of the training manifest (data/train.manifest.json): which sessions the run trained "
+        "on. Set by the daemon's runner from the run folder when it records the run (atlasd/lineage.py).")
 
     @classmethod
     def load(cls, path: str | Path) -> RunResult:

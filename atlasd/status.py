@@ -1,6 +1,10 @@
 """What `atlasd status` reports, as a dict, assembled from the sections each table's owner module
 reads (intake, lock: the daemon, queue: training and runner, promotions: registrations, champions
-and the audit, cadence: policies and pauses); this module writes no SQL against atlasd's tables.
+and the audit, lineage: tainted runs, cadence: policies and pauses); this module writes no SQL
+against atlasd's tables.
+
+A champion whose run trained on a session revoked since is marked ``tainted`` (the count) and
+named in ``problems``: it is never rolled back automatically.
 
 ``problems`` lists, in words, what needs an operator: a NOTIFY trigger missing or disabled on
 ``public.sessions`` (the daemon then sees approvals only by its slow poll) and every part the
@@ -18,6 +22,7 @@ import psycopg
 
 from atlasd.cadence import catchup_window, plan_gear_sync, status_sections, utc_now
 from atlasd.intake import status_section as intake_section
+from atlasd.lineage import status_section as lineage_section
 from atlasd.listener import CHANNEL, TRIGGER_STATES
 from atlasd.lock import daemon_section
 from atlasd.policies import Policy
@@ -38,6 +43,15 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
     registrations = registrations_section(conn)
     problems += [f"registration of run {r['run_id']} failed after {r['attempts']} attempts ({r['last_error']}): "
                  f"re-queue it with `atlasd register {r['run_id']}`" for r in registrations["failed_runs"]]
+    lineage = lineage_section(conn)
+    champion = champions(conn)
+    tainted = {(t["policy"], t["model_version"]): t["revoked"] for t in lineage["tainted"]}
+    for policy, current in champion.items():
+        if (policy, current["version"]) in tainted:
+            current["tainted"] = tainted[policy, current["version"]]
+            problems.append(f"the champion of {policy} (v{current['version']}) is tainted: it trained on "
+                            f"{current['tainted']} session(s) revoked since; it is not rolled back automatically "
+                            f"(`atlasd rollback {policy}`)")
     return {
         "database": settings.dsn_redacted,
         "problems": problems,
@@ -50,7 +64,8 @@ def collect_status(conn: psycopg.Connection, settings: Settings) -> dict[str, An
             "notify_trigger_ok": all(state == "enabled" for state in triggers.values()),
         },
         "daemon": daemon,
-        "champion": champions(conn),  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
+        "champion": champion,  # per policy, from atlasd.promotions (MLflow itself: `atlasd models`)
+        "lineage": lineage,
         "training": training_section(conn),
         "registrations": registrations,
         "runner": {**runner_section(conn), "executor": settings.executor},  # configured here; a run's own: training.running

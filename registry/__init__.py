@@ -11,7 +11,10 @@ Names used in the MLflow registry (one registered model per policy):
 - aliases ``challenger`` (the newest registered version) and ``champion`` (the promoted one);
 - version tags ``atlasd.decision`` (promote | reject | force | rollback), ``gate.<check>`` (JSON:
   value, threshold, met, reason), ``atlasd.previous_champion`` (the champion it replaced) and, on
-  the replaced one, ``previous_champion_of=<version>``.
+  the replaced one, ``previous_champion_of=<version>``;
+- version tag ``atlasd.tainted``: how many sessions its run trained on were revoked since
+  (``python -m registry taint``; atlasd/lineage.py), and run tag ``atlasd.manifest_hash`` with the
+  training and eval manifests logged as the MLflow run's dataset inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ TAG_RUN_ID = "atlasd.run_id"
 TAG_DECISION = "atlasd.decision"
 TAG_PREVIOUS = "atlasd.previous_champion"
 TAG_PREVIOUS_OF = "previous_champion_of"
+TAG_TAINTED = "atlasd.tainted"
 
 
 class RegistryError(Exception):

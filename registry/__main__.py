@@ -3,8 +3,10 @@ error: ``{"error": ..., "exit_code": ...}``) and logs to stderr. ``--json`` is a
 changes nothing (the output is always JSON).
 
   finalize --spec SPEC.json --result RESULT.json [--log LOG.jsonl] [--source artifacts|path]
-           [--artifact-root DIR] [--cache-dir DIR] [--actor NAME] [--defer-measure]
+           [--artifact-root DIR] [--cache-dir DIR] [--actor NAME] [--defer-measure] [--revoked N]
       log the run, register its checkpoint (succeeded runs), run the promotion gate.
+      ``--revoked N`` (the daemon passes it for a run with lineage): N of the sessions it trained on
+      are revoked; the gate's check ``untainted`` then refuses the promotion unless N is 0.
       Tracking URI: the spec's ``mlflow.tracking_uri`` (stored without a password), or
       ``$MLFLOW_TRACKING_URI`` when that names the same store (it carries the password).
       ``--defer-measure``: exit 3 instead of re-measuring the champion (the caller holds the GPU, then calls again).
@@ -16,6 +18,7 @@ changes nothing (the output is always JSON).
       move champion back to the champion it replaced, once that one's files load
   check    --path DIR                          is a checkpoint folder loadable (no torch)
   purge    --ids-file F                        revoked sessions' rows out of every atlasd run's eval samples
+  taint    --model M --version V --count N     tag the version atlasd.tainted=N (N trained-on sessions revoked)
 
 Commands other than finalize read the tracking URI from ``--tracking-uri`` or the
 ``MLFLOW_TRACKING_URI`` environment variable (the daemon uses the variable: no password in argv).
@@ -90,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defer-measure", action="store_true",
                    help="when the champion must be re-measured on this eval set, exit 3 instead of measuring "
                         "(the caller calls again once it holds the GPU)")
+    p.add_argument("--revoked", type=int, help="trained-on sessions revoked so far (atlasd.lineage): gate check untainted")
+
+    p = add("taint", "tag a model version whose run trained on sessions revoked since")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--count", type=int, required=True, help="how many of its trained-on sessions are revoked")
 
     p = add("purge", "remove revoked sessions' rows from every atlasd run's eval samples in MLflow")
     p.add_argument("--ids-file", type=Path, required=True, help="a JSON list of session ids")
@@ -139,7 +148,7 @@ def cmd_finalize(args: argparse.Namespace) -> dict:
     measure = deferred_measure if args.defer_measure else trainer_measure(args.spec)
     return finalize(
         spec, result, log_path=args.log, measure=measure, source_mode=args.source,
-        artifact_root=root, cache_dir=args.cache_dir, actor=args.actor,
+        artifact_root=root, cache_dir=args.cache_dir, actor=args.actor, revoked=args.revoked,
     )
 
 
@@ -147,6 +156,17 @@ def cmd_purge(args: argparse.Namespace) -> dict:
     from registry.purge import purge, read_ids
 
     return purge(_registry(args).client, read_ids(args.ids_file))
+
+
+def cmd_taint(args: argparse.Namespace) -> dict:
+    from registry import CHAMPION, TAG_TAINTED
+    from registry.store import now_iso
+
+    reg = _registry(args)
+    mv = reg.version(args.model, args.version)
+    reg.tag_version(args.model, str(mv.version), {TAG_TAINTED: str(args.count), "atlasd.tainted_at": now_iso()})
+    return {"registered_model": args.model, "version": str(mv.version), "tainted": args.count,
+            "champion": CHAMPION in mv.aliases}
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
@@ -197,7 +217,7 @@ def cmd_check(args: argparse.Namespace) -> dict:
     return check_loadable(args.path)
 
 
-COMMANDS = {"finalize": cmd_finalize, "purge": cmd_purge, "models": cmd_models, "champion": cmd_champion, "promote": cmd_promote,
+COMMANDS = {"finalize": cmd_finalize, "purge": cmd_purge, "taint": cmd_taint, "models": cmd_models, "champion": cmd_champion, "promote": cmd_promote,
             "rollback": cmd_rollback, "check": cmd_check}
 
 

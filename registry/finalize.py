@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,8 @@ from mlflow.entities.model_registry import ModelVersion
 
 from atlasd.runspec import EvalReport, RunResult, RunSpec
 from registry import CHAMPION, TAG_DECISION, TAG_PREVIOUS, NeedsGpu, RegistryError
-from registry.gate import decide
+from registry.gate import comparable, decide
+from registry.review import publish
 from registry.store import Registry, now_iso, summary_tags
 from registry.tracking import CHECKPOINT_ARTIFACT, log_run
 
@@ -33,18 +33,20 @@ class MeasureError(RuntimeError):
 
 def trainer_measure(spec_path: Path) -> Measure:
     """Re-measure a checkpoint with ``python -m trainers eval --model PATH --spec SPEC --out F``:
-    the same evaluation code on the same frozen eval set as the run."""
+    the same evaluation code on the same frozen eval set (and probe set) as the run. F is
+    ``eval/champion.json`` in the run's folder, the samples beside it (registry/review.py shows
+    them beside the challenger's)."""
 
     def measure(model: Path) -> EvalReport:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "report.json"
-            proc = subprocess.run(
-                [sys.executable, "-m", "trainers", "eval", "--model", str(model), "--spec", str(spec_path), "--out", str(out)],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0 or not out.is_file():
-                raise MeasureError(f"trainers eval of {model} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-            return EvalReport.model_validate_json(out.read_text())
+        out = RunSpec.load(spec_path).output_dir / "eval" / "champion.json"
+        out.unlink(missing_ok=True)  # a report of an earlier attempt is not this one
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainers", "eval", "--model", str(model), "--spec", str(spec_path), "--out", str(out)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0 or not out.is_file():
+            raise MeasureError(f"trainers eval of {model} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        return EvalReport.model_validate_json(out.read_text())
 
     return measure
 
@@ -81,18 +83,21 @@ def load_inputs(spec_path: Path, result_path: Path, log_path: Path | None) -> tu
 
 def champion_report(reg: Registry, champion: ModelVersion | None, spec: RunSpec, result: RunResult,
                     measure: Measure, cache_dir: Path | None) -> tuple[EvalReport | None, str]:
-    """The champion on the challenger's eval set, and where that number came from."""
+    """The champion on the challenger's eval set (with its slices and probe set: gate.comparable),
+    and where that report came from."""
     if champion is None:
         return None, "none"
     eval_hash = result.eval.eval_set_hash
-    if spec.champion_version == str(champion.version) and result.eval_start and result.eval_start.eval_set_hash == eval_hash:
+    if spec.champion_version == str(champion.version) and result.eval_start and comparable(result.eval_start, result.eval):
         return result.eval_start, "eval_start"
     stored = reg.stored_report(champion, eval_hash)
-    if stored is not None:
+    if stored is not None and comparable(stored, result.eval):
         return stored, "tags"
     report = measure(reg.local_path(champion, cache_dir))
-    if report.eval_set_hash != eval_hash:
-        raise MeasureError(f"re-measured champion on eval set {report.eval_set_hash}, expected {eval_hash}")
+    if not comparable(report, result.eval):
+        raise MeasureError(f"re-measured champion on eval set {report.eval_set_hash} (probe set "
+                           f"{report.probe and report.probe.probe_set_hash}), expected {eval_hash} (probe set "
+                           f"{result.eval.probe and result.eval.probe.probe_set_hash})")
     reg.tag_version(champion.name, str(champion.version), summary_tags(report, None) | {
         "atlasd.eval_set_hash": champion.tags.get("atlasd.eval_set_hash", eval_hash)})
     return report, "re-measured"
@@ -108,7 +113,10 @@ def finalize(
     artifact_root: str | None = None,
     cache_dir: Path | None = None,
     actor: str = "atlasd",
+    revoked: int | None = None,
 ) -> dict:
+    """``revoked``: how many trained-on sessions were revoked before this registration (None: lineage
+    unknown): the gate's ``untainted`` check."""
     assert spec.mlflow is not None
     reg = Registry(spec.mlflow.resolved_tracking_uri())
     experiment_id, mlflow_run_id = log_run(
@@ -133,6 +141,8 @@ def finalize(
         "atlasd.trace_window": f"({spec.traces.window_lo}, {spec.traces.window_hi}]",
         "atlasd.n_traces": str(result.n_train), "atlasd.checkpoint_path": str(Path(result.checkpoint).resolve()),
     }
+    if result.manifest_hash:
+        tags["atlasd.manifest_hash"] = result.manifest_hash
     mv = reg.register(name, spec.policy, source, mlflow_run_id, spec.run_id, tags)
     out["model_version"] = str(mv.version)
     champion = reg.alias(name, CHAMPION)
@@ -157,9 +167,11 @@ def finalize(
         out["replayed"] = True
     else:
         champ_report, origin = champion_report(reg, champion, spec, result, measure, cache_dir)
-        gate = decide(spec.targets, result.eval, baseline, champ_report)
+        gate = decide(spec.targets, result.eval, baseline, champ_report, revoked)
         out.update(decision=gate.decision, reason=gate.reason, checks=[c.model_dump() for c in gate.checks],
                    champion_metrics_from=origin)
+        publish(reg.client, name, str(mv.version), mlflow_run_id, spec, result.eval, gate,
+                str(champion.version) if champion else None, champ_report, origin)
         if gate.decision == "promote":
             out["previous_champion"] = reg.set_champion(name, str(mv.version))
         # tagged after the alias move: a crash in between is finished by the branch above

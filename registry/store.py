@@ -25,6 +25,7 @@ from registry import (
     TAG_PREVIOUS,
     TAG_PREVIOUS_OF,
     TAG_RUN_ID,
+    TAG_TAINTED,
     RegistryError,
 )
 from registry.checkpoint import check_loadable
@@ -188,6 +189,7 @@ class Registry:
             "decision": mv.tags.get(TAG_DECISION), "mlflow_run_id": mv.run_id, "source": mv.source,
             "created_at": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
             "previous_champion": mv.tags.get(TAG_PREVIOUS) or None,
+            "tainted": _int(mv.tags.get(TAG_TAINTED)),
             **{k: _float(mv.tags.get(k)) for k in SUMMARY_TAGS},
         }
 
@@ -213,10 +215,16 @@ def _float(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
+def _without_samples(report: EvalReport) -> EvalReport:
+    """The report without its samples' paths: files of one run's folder, not a property of the version."""
+    probe = report.probe and report.probe.model_copy(update={"samples_path": None})
+    return report.model_copy(update={"samples_path": None, "probe": probe})
+
+
 def summary_tags(report: EvalReport, baseline) -> dict[str, str]:
     tags = {"eval.success_rate": str(report.success_rate), "eval.avg_tokens": str(report.avg_tokens),
             "eval.n_samples": str(report.n_samples), "atlasd.eval_set_hash": report.eval_set_hash,
-            EVAL_TAG_PREFIX + report.eval_set_hash: report.model_copy(update={"samples_path": None}).model_dump_json()}
+            EVAL_TAG_PREFIX + report.eval_set_hash: _without_samples(report).model_dump_json()}
     if report.reverse_kl is not None:
         tags["eval.reverse_kl"] = str(report.reverse_kl)
     if baseline is not None:

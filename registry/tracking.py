@@ -2,10 +2,15 @@
 ``atlasd.run_id`` tag, so a retry never makes a second run).
 
 A run holds: params = the run spec flattened (``traces.db_url`` dropped, URLs redacted); metrics
-per step from the trainer's JSON-lines log and per evaluation; tags naming policy, gear, trigger,
+per step from the trainer's JSON-lines log and per evaluation (with ``<prefix>/slice/<key>/success_rate``
+per learning key and ``<prefix>/probe/*`` for the probe set); tags naming policy, gear, trigger,
 trace window, traces used, config hash and atlasd version; artifacts = the run spec, the result,
-the log, the eval samples table and (default) the checkpoint itself. A run whose logging did not
-finish (tag ``atlasd.logged`` missing) is deleted and logged again from scratch on retry.
+the log, the eval samples tables (``eval/``, ``eval_start/``; the registration writes ``eval/samples.json``
+again with the champion's answers beside the challenger's, registry/review.py), the probe set's
+(``probe/``) and (default) the checkpoint itself; dataset inputs = the run's
+training and eval manifests (``data/*.manifest.json``: which sessions, by intake seq, id and
+creation time; digest = the manifest's hash), each also an artifact under ``data/``. A run whose
+logging did not finish (tag ``atlasd.logged`` missing) is deleted and logged again from scratch on retry.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from atlasd import __version__ as atlasd_version
-from atlasd.runspec import EvalReport, RunResult, RunSpec
+from atlasd.runspec import EvalReport, RunResult, RunSpec, manifest_path
 from atlasd.settings import redact_url
 from registry import TAG_POLICY, TAG_RUN_ID, RegistryError
+from registry.gate import slice_label
 
 TAG_LOGGED = "atlasd.logged"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -87,6 +94,10 @@ def eval_metrics(prefix: str, report: EvalReport, step: int) -> list[Metric]:
     now = int(time.time() * 1000)
     values = {"success_rate": report.success_rate, "avg_tokens": report.avg_tokens,
               "reverse_kl": report.reverse_kl, "n_samples": report.n_samples}
+    values |= {f"slice/{slice_label(key)}/success_rate": result.success_rate for key, result in report.slices.items()}
+    if report.probe is not None:
+        values |= {"probe/success_rate": report.probe.success_rate, "probe/avg_tokens": report.probe.avg_tokens,
+                   "probe/drift_kl": report.probe.drift_kl}
     return [Metric(f"{prefix}/{k}", float(v), now, step) for k, v in values.items() if v is not None]
 
 
@@ -125,18 +136,67 @@ def run_tags(spec: RunSpec, result: RunResult) -> dict[str, str]:
         tags["atlasd.error"] = redact_url(result.error)[:5000]
     if result.skipped:
         tags["atlasd.skipped"] = json.dumps(result.skipped)
+    if result.manifest_hash:
+        tags["atlasd.manifest_hash"] = result.manifest_hash
     return tags
 
 
-def _samples_table(path: Path) -> dict[str, list]:
+def log_manifests(client: MlflowClient, rid: str, spec: RunSpec, result: RunResult) -> None:
+    """The run folder's training and eval manifests as the run's dataset inputs (contexts training
+    and eval) and artifacts. The training manifest must be the one the result names."""
+    inputs = []
+    for name, context in (("train", "training"), ("eval", "eval")):
+        path = manifest_path(spec.output_dir / "data" / f"{name}.jsonl")
+        if not path.is_file():
+            continue
+        manifest = json.loads(path.read_text())
+        if name == "train" and result.manifest_hash and manifest["hash"] != result.manifest_hash:
+            raise RegistryError(f"{path}: hash {manifest['hash']} is not the manifest the run trained on "
+                                f"({result.manifest_hash})")
+        source = {"table": "atlasd.intake", "window": [spec.traces.window_lo, spec.traces.window_hi],
+                  "artifact": f"data/{path.name}"}
+        dataset = Dataset(name=f"{spec.policy}/run-{spec.run_id}/{name}", digest=manifest["hash"], source_type="atlasd",
+                          source=json.dumps(source), profile=json.dumps({"sessions": manifest["n_sessions"],
+                                                                         "examples": manifest["n_examples"]}))
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        client.log_artifact(rid, str(path), artifact_path="data")
+    if inputs:
+        client.log_inputs(rid, datasets=inputs)
+
+
+def _sample_rows(path: Path) -> list[dict]:
+    """The samples file's rows, a value that is not a scalar (the prompt's messages) as JSON text."""
     rows = []
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
             rows.append({k: (v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v))
                          for k, v in row.items()})
+    return rows
+
+
+def _samples_table(path: Path) -> dict[str, list]:
+    rows = _sample_rows(path)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     return {c: [row.get(c) for row in rows] for c in columns}
+
+
+CHAMPION_COLUMNS = ("generation", "correct", "tokens")  # beside the challenger's, as champion_<column>
+
+
+def log_side_by_side(client: MlflowClient, rid: str, label: str, challenger: Path, champion: Path) -> None:
+    """``<label>/samples.json`` written again in place (log_table would append to it), each of the
+    challenger's rows with the champion's ``champion_generation``, ``champion_correct`` and
+    ``champion_tokens`` for the same sample (session id and prompt; None where the champion has none),
+    in log_table's format."""
+    theirs = {(r.get("session_id"), r.get("prompt")): r for r in _sample_rows(champion)}
+    rows = [{**row, **{f"champion_{c}": theirs.get((row.get("session_id"), row.get("prompt")), {}).get(c)
+                       for c in CHAMPION_COLUMNS}} for row in _sample_rows(challenger)]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "samples.json"
+        path.write_text(json.dumps({"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}))
+        client.log_artifact(rid, str(path), artifact_path=label)
 
 
 def ensure_experiment(client: MlflowClient, name: str, policy: str, artifact_root: str | None) -> str:
@@ -189,7 +249,9 @@ def log_run(
         client.log_artifacts(rid, tmp)
     if log_path:
         client.log_artifact(rid, str(log_path))
-    for label, report in (("eval", result.eval), ("eval_start", result.eval_start)):
+    log_manifests(client, rid, spec, result)
+    for label, report in (("eval", result.eval), ("eval_start", result.eval_start),
+                          ("probe", result.eval and result.eval.probe)):
         if report and report.samples_path:
             samples = Path(report.samples_path)
             if not samples.is_file():

@@ -224,7 +224,7 @@ def test_oversized_sessions_are_skipped_unread(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:  # what the trainer reads of them: sizes, no content
         reader = _Reader(conn)
         params = _params(spec, now=conn.execute("SELECT now()").fetchone()[0])
-        window = {key: (seq, "window") for seq, key, reason in _select(reader, spec, params, with_train=True).window
+        window = {key: (seq, "window", None) for seq, key, reason in _select(reader, spec, params, with_train=True).window
                   if reason is None}
         sessions = _read_sessions(reader, params, window)
         fine_bytes = conn.execute("SELECT sum(octet_length(event::text)) FROM trajectory_events"

@@ -69,7 +69,7 @@ def test_evaluate_tiny_model(tiny_models, tmp_path):
     assert rep.eval_set_hash == eval_set_hash(reversed(examples))
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [r["session_id"] for r in rows] == [0, 1, 2, 3, 4]
-    assert set(rows[0]) == {"session_id", "prompt", "generation", "reference", "correct", "tokens"}
+    assert set(rows[0]) == {"session_id", "learning_key", "prompt", "generation", "reference", "correct", "tokens"}
     # greedy: the same report twice; the student against itself has zero reverse KL
     again = evaluate(student, tok, examples, always, model_name="s", max_new_tokens=6, max_prompt_tokens=64,
                      device=device, teacher=student, batch_size=3)

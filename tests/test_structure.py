@@ -34,11 +34,15 @@ OWNERS = {
     "daemon_state": "atlasd/lock.py",
     "schema_version": "atlasd/db/migrate.py",
     "eval_splits": "atlasd/evalsplit.py",
+    "run_sessions": "atlasd/lineage.py",
+    "lineage": "atlasd/lineage.py",
 }
 # Reads (never writes) of a table by another owner, where the join is the point of the read.
 JOINED_READS = {
     ("atlasd/promotions.py", "runs"): "a registration's or an audit row's run: its policy, gear and state",
     ("atlasd/queue.py", "registrations"): "a run with its registration's state (reports, retention, repair)",
+    ("atlasd/lineage.py", "runs"): "a tainted run's policy, gear, window and model version",
+    ("atlasd/lineage.py", "intake"): "a run's trained-on rows already revoked when its lineage is recorded",
 }
 
 _TABLE = r"atlasd\.(\w+)\b(?!\s*\()"  # a table, not a function call such as atlasd.session_ready(...)
@@ -136,9 +140,9 @@ def test_the_daemon_wires_its_components_explicitly(tmp_path) -> None:
 
     daemon = build_daemon(load_settings(db_url="postgresql://nobody@127.0.0.1:1/none", state_dir=tmp_path,
                                         policies_dir=tmp_path))
-    cadence, runner, registrar, *_ = daemon.components
-    assert [c.name for c in daemon.components] == ["cadence", "runner", "registrations", "metrics", "gc"]
-    assert cadence.policy_set is runner.policies is daemon.policies
+    cadence, runner, registrar, tagger, *_ = daemon.components
+    assert [c.name for c in daemon.components] == ["cadence", "runner", "registrations", "taints", "metrics", "gc"]
+    assert cadence.policy_set is runner.policies is tagger.policies is daemon.policies
     assert runner._registrar is registrar
     lookups = [f"{p.relative_to(ROOT)}" for p in source_files()
                if re.search(r"in [\w.]*components if \w+\.name ==", p.read_text())]

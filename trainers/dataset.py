@@ -74,7 +74,7 @@ from typing import Any
 import psycopg
 
 from atlasd import intake
-from atlasd.runspec import RunSpec
+from atlasd.runspec import RunSpec, manifest_path
 
 ACTOR_ROLES = {"teacher": "assistant", "coach": "assistant", "student": "user", "executor": "user", "system": "system"}
 # An LLM call's input messages (LangChain's ``type``, or a chat ``role``) -> roles; others are user turns.
@@ -90,6 +90,8 @@ class Example:
     completion: str  # reference completion (the last assistant turn)
     reference: str  # what the judge compares against: final_answer, else the completion
     source: str = "window"  # window | rehearsal | eval
+    session_created_at: str | None = None  # the session's identity with session_id (ISO 8601; None: an older snapshot)
+    learning_key: str | None = None  # as the intake recorded it: the eval set's slices (None: an older snapshot)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -161,7 +163,8 @@ _USABLE = f"{intake.USABLE} AND s.id IS NOT NULL AND {_READY} AND {intake.KEY_OK
 # pool (usable AND age_ok AND NOT split), with WHERE semantics (NULL is false).
 _SCAN = f"""
 SELECT i.seq, i.session_id, i.session_created_at, {_WINDOW_REASON} AS reason,
-       ({_USABLE}) IS TRUE AS usable, ({intake.AGE_OK}) IS TRUE AS age_ok, ({intake.IN_EVAL_SPLIT}) IS TRUE AS split
+       ({_USABLE}) IS TRUE AS usable, ({intake.AGE_OK}) IS TRUE AS age_ok, ({intake.IN_EVAL_SPLIT}) IS TRUE AS split,
+       i.learning_key
   FROM ({intake.PAGE}) i
   LEFT JOIN LATERAL (SELECT id, review_status, status FROM sessions
                       WHERE id = i.session_id AND created_at = i.session_created_at OFFSET 0) s ON true
@@ -380,7 +383,7 @@ def conversation(task: str, plan: Any, events: list | None, steps: list | None, 
 
 def to_examples(row: dict, source: str, per_turn: bool = False) -> list[Example] | str:
     """The session's examples (``row``: session_id, seq, task, plan, events, steps, guidance,
-    final_answer), or the reason it has none (no_task, no_completion). One per assistant turn
+    final_answer, learning_key), or the reason it has none (no_task, no_completion). One per assistant turn
     (``per_turn``), else one for its last: the prompt is the conversation before that turn, the
     completion that turn. The reference is ``final_answer`` for the last turn (the completion without
     one) and the turn itself for earlier ones."""
@@ -392,7 +395,8 @@ def to_examples(row: dict, source: str, per_turn: bool = False) -> list[Example]
     if not turns:
         return "no_completion"
     return [Example(session_id=row["session_id"], seq=row["seq"], prompt=messages[:i],
-                    completion=messages[i]["content"], source=source,
+                    completion=messages[i]["content"], source=source, session_created_at=row.get("session_created_at"),
+                    learning_key=row.get("learning_key"),
                     reference=(_text(row.get("final_answer")) if i == turns[-1] else "") or messages[i]["content"])
             for i in (turns if per_turn else turns[-1:])]
 
@@ -492,6 +496,7 @@ class _Session:
     content is read, then its Examples (or why it has none: no_task, no_completion)."""
     seq: int
     source: str  # window | rehearsal | eval
+    learning_key: str | None  # as recorded by the intake
     bytes: int = 0
     state: str = "gone"  # ok | oversized | gone (deleted, or its id reused, since it was selected)
     events: list = field(default_factory=list)  # its trajectory events, in id order
@@ -510,6 +515,7 @@ class _Selection:
     window: list[tuple[int, Key, str | None]] = field(default_factory=list)  # (seq, key, reason), by seq
     eval: list[tuple[int, Key]] = field(default_factory=list)  # (seq, key), by seq
     rehearsal: list[tuple[int, Key]] = field(default_factory=list)  # the largest sample that can be needed, in order
+    learning_keys: dict[Key, str | None] = field(default_factory=dict)  # of every selected row, as recorded
 
 
 def _params(spec: RunSpec, **extra) -> dict:
@@ -529,14 +535,14 @@ def _rehearsal_order(seed: int, session_id: int, seq: int) -> tuple[str, int]:
 
 def _scan(reader: _Reader, params: dict, after: int, upto: int) -> Iterator[list[tuple]]:
     """Pages of intake rows with seq in (after, upto], in seq order: (seq, session_id,
-    session_created_at, reason, usable, age_ok, split)."""
+    session_created_at, reason, usable, age_ok, split, learning_key)."""
     size = SCAN_PAGE
     while after < upto:
         rows, size = reader.shrinking("select", _SCAN, lambda n, after=after: {
             **params, "after": after, "upto": upto, "page": n}, size)
         if rows:  # the last reason: in the frozen eval split (`split`, computed once per row)
-            yield [(seq, sid, created, "eval_split" if reason is None and split else reason, usable, age_ok, split)
-                   for seq, sid, created, reason, usable, age_ok, split in rows]
+            yield [(seq, sid, created, "eval_split" if reason is None and split else reason, usable, age_ok, split, key)
+                   for seq, sid, created, reason, usable, age_ok, split, key in rows]
         if len(rows) < size:
             return
         after = rows[-1][0]
@@ -554,24 +560,28 @@ def _select(reader: _Reader, spec: RunSpec, params: dict, with_train: bool) -> _
     k_max = 0
     if with_train:
         for page in _scan(reader, params, t.window_lo, t.window_hi):
-            for seq, sid, created, reason, usable, _age_ok, split in page:
+            for seq, sid, created, reason, usable, _age_ok, split, learning_key in page:
                 sel.window.append((seq, (sid, created), reason))
+                sel.learning_keys[(sid, created)] = learning_key
                 if usable and split and len(window_eval) < eval_max:
                     window_eval.append((seq, (sid, created)))
         k_max = rehearsal_size(sum(1 for _, _, reason in sel.window if reason is None), t.rehearsal_fraction)
-    pool: list[tuple[tuple[str, int], Key]] = []  # ((md5, seq), key), trimmed to the k_max first
+    pool: list[tuple[tuple[str, int], Key, str | None]] = []  # ((md5, seq), key, learning key), trimmed to the k_max first
     for page in _scan(reader, params, 0, min(t.window_lo, t.window_hi) if with_train else t.window_hi):
-        for seq, sid, created, _reason, usable, age_ok, split in page:
+        for seq, sid, created, _reason, usable, age_ok, split, learning_key in page:
             if usable and split and len(sel.eval) < eval_max:
                 sel.eval.append((seq, (sid, created)))
+                sel.learning_keys[(sid, created)] = learning_key
             elif k_max and usable and age_ok and not split:
-                pool.append((_rehearsal_order(t.rehearsal_seed, sid, seq), (sid, created)))
+                pool.append((_rehearsal_order(t.rehearsal_seed, sid, seq), (sid, created), learning_key))
         if len(pool) > 2 * k_max + SCAN_PAGE:
             pool = heapq.nsmallest(k_max, pool)
         if len(sel.eval) >= eval_max and not k_max:
             break
     sel.eval = (sel.eval + window_eval)[:eval_max]
-    sel.rehearsal = [(order[1], key) for order, key in heapq.nsmallest(k_max, pool)]
+    for order, key, learning_key in heapq.nsmallest(k_max, pool):
+        sel.rehearsal.append((order[1], key))
+        sel.learning_keys[key] = learning_key
     return sel
 
 
@@ -595,8 +605,8 @@ def _ints(values: Iterable[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-def _read_sessions(reader: _Reader, params: dict, wanted: dict[Key, tuple[int, str]]) -> dict[Key, _Session]:
-    """The wanted sessions ({key: (seq, source)}) read in three passes: their sizes without events,
+def _read_sessions(reader: _Reader, params: dict, wanted: dict[Key, tuple[int, str, str | None]]) -> dict[Key, _Session]:
+    """The wanted sessions ({key: (seq, source, learning key)}) read in three passes: their sizes without events,
     their events, their content. A session is 'oversized' as soon as its bytes so far exceed
     max_session_bytes, and no more of it is read; one not found by its identity in the first or the
     last pass is 'gone'. Each becomes its Examples as soon as its content is read (to_examples: one per
@@ -621,8 +631,8 @@ def _read_sessions(reader: _Reader, params: dict, wanted: dict[Key, tuple[int, s
         for sid, created, task, final_answer, plan, steps, guidance in reader.halving("content", _CONTENT, page, batch):
             s = sessions.get((sid, created))
             if s is not None:
-                row = {"session_id": sid, "seq": s.seq, "task": task, "final_answer": final_answer, "plan": plan,
-                       "steps": steps, "guidance": guidance, "events": s.events}
+                row = {"session_id": sid, "session_created_at": created.isoformat(), "seq": s.seq, "task": task, "final_answer": final_answer, "plan": plan,
+                       "steps": steps, "guidance": guidance, "events": s.events, "learning_key": s.learning_key}
                 per_turn = params["examples"] == "per_turn" and s.source != "eval"
                 s.state, s.examples, s.events = "ok", to_examples(row, s.source, per_turn), []
     return sessions
@@ -700,9 +710,9 @@ def _build(spec: RunSpec, dsn: str | None = None, *, with_train: bool = True) ->
             now = reader.rows("now", "SELECT now()", {})[0][0]
             params = _params(spec, now=now)
             sel = _select(reader, spec, params, with_train)
-            wanted = {key: (seq, "eval") for seq, key in sel.eval}
-            wanted.update((key, (seq, "rehearsal")) for seq, key in sel.rehearsal)
-            wanted.update((key, (seq, "window")) for seq, key, reason in sel.window if reason is None)
+            wanted = {key: (seq, "eval", sel.learning_keys[key]) for seq, key in sel.eval}
+            wanted.update((key, (seq, "rehearsal", sel.learning_keys[key])) for seq, key in sel.rehearsal)
+            wanted.update((key, (seq, "window", sel.learning_keys[key])) for seq, key, reason in sel.window if reason is None)
             sessions = _read_sessions(reader, params, wanted)
     except psycopg.Error as exc:  # psycopg messages name host/db/user, never the password
         raise DatasetError(f"reading traces failed: {type(exc).__name__}: {exc}".strip()) from None
@@ -743,9 +753,28 @@ def build_dataset(spec: RunSpec, dsn: str | None = None, *, with_train: bool = T
 
 
 def save_examples(examples: list[Example], path: Path) -> None:
+    """The examples as JSON lines at ``path`` and, beside it, their manifest
+    (``atlasd.runspec.manifest_path``: ``data/train.jsonl`` -> ``data/train.manifest.json``): the
+    lineage of a run (atlasd/lineage.py records the training manifest, the registry logs both as
+    the MLflow run's dataset inputs). The manifest is written first: a snapshot never lacks it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write(manifest_path(path), json.dumps(manifest(examples), indent=1))
+    _write(path, "".join(e.to_json() + "\n" for e in examples))
+
+
+def manifest(examples: list[Example]) -> dict:
+    """The sessions the examples come from, once each in seq order (intake seq, session id and creation
+    time: the session's identity), and ``hash``: the first 16 hex digits of the sha256 of the identities."""
+    sessions = sorted({(e.seq, e.session_id, e.session_created_at, e.source) for e in examples})
+    keys = ("seq", "session_id", "session_created_at", "source")
+    digest = hashlib.sha256(json.dumps([[sid, created] for _, sid, created, _ in sessions]).encode()).hexdigest()[:16]
+    return {"hash": digest, "n_sessions": len(sessions), "n_examples": len(examples),
+            "sessions": [dict(zip(keys, s, strict=True)) for s in sessions]}
+
+
+def _write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(e.to_json() + "\n" for e in examples))
+    tmp.write_text(text)
     tmp.replace(path)
 
 

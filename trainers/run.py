@@ -3,6 +3,8 @@
 ``run SPEC.json``: dataset (from Postgres, snapshotted to ``output_dir/data/`` so that a resumed
 run sees exactly the same examples), evaluation of the starting student, GKD training with
 checkpoints, evaluation of the final model, baseline comparison, ``output_dir/result.json``.
+Each evaluation reports success per learning key (``slices``) and, with ``eval.probe_set``, the
+model on the probe set with its drift from the base student (loaded for it, then released).
 SIGTERM/SIGINT: the current step is abandoned, a checkpoint of the last finished step is saved,
 exit 75 (resume with ``resume: true`` in the spec).
 
@@ -80,6 +82,13 @@ def check_spec(spec: RunSpec) -> tuple[list[str], list[str]]:
         spec.traces.resolved_db_url()
     except ValueError as exc:
         errors.append(f"traces.db_url: {exc}")
+    if spec.eval.probe_set:
+        from trainers.evaluate import load_probe_set
+
+        try:
+            load_probe_set(spec.eval.probe_set)
+        except ValueError as exc:
+            errors.append(f"eval.probe_set: {exc}")
     if spec.optim.max_length - spec.gkd.max_new_tokens < 8:
         errors.append(f"optim.max_length ({spec.optim.max_length}) must exceed gkd.max_new_tokens "
                       f"({spec.gkd.max_new_tokens}) by at least 8 prompt tokens")
@@ -176,14 +185,15 @@ def _evaluate(which: str, model, spec: RunSpec, tok, teacher, examples, judge, d
     from trainers.evaluate import evaluate
 
     path = spec.output_dir / "eval" / f"{which}.json"
+    model_path = spec.student if which == "start" else str(spec.output_dir / "final")
     tel.set_phase(f"eval_{which}", n_samples=len(examples))
     report = evaluate(
-        model, tok, examples, judge, model_name=f"{which}:{spec.student if which == 'start' else spec.output_dir / 'final'}",
-        max_new_tokens=spec.eval.max_new_tokens, max_prompt_tokens=max(8, spec.optim.max_length - spec.eval.max_new_tokens),
-        device=device, teacher=teacher, batch_size=spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
-        samples_path=spec.output_dir / "eval" / f"{which}_samples.jsonl", telemetry=tel, stop=stop,
-        precision=precision,
-    )
+        model, tok, examples, judge, model_name=f"{which}:{model_path}", teacher=teacher,
+        samples_path=spec.output_dir / "eval" / f"{which}_samples.jsonl", stop=stop,
+        **_eval_settings(spec, device, tel, precision))
+    if spec.eval.probe_set and not stop():
+        report.probe = _probe(model, model_path, spec, tok, judge, device, tel, stop, precision,
+                              spec.output_dir / "eval" / f"{which}_probe_samples.jsonl")
     if stop():
         from trainers.gkd import Interrupted
 
@@ -191,6 +201,36 @@ def _evaluate(which: str, model, spec: RunSpec, tok, teacher, examples, judge, d
     path.write_text(report.model_dump_json(indent=2))
     tel.emit("eval", which=which, **report.model_dump(mode="json"))
     return report
+
+
+def _eval_settings(spec: RunSpec, device, tel: Telemetry, precision) -> dict:
+    """trainers.evaluate.evaluate's keywords that every evaluation of a run shares."""
+    return {"max_new_tokens": spec.eval.max_new_tokens,
+            "max_prompt_tokens": max(8, spec.optim.max_length - spec.eval.max_new_tokens), "device": device,
+            "batch_size": spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
+            "telemetry": tel, "precision": precision}
+
+
+def _probe(model, model_path: str, spec: RunSpec, tok, judge, device, tel: Telemetry, stop, precision,
+           samples_path: Path):
+    """The model (loaded from ``model_path``) on the probe set; its drift against the base student,
+    which is loaded for this (frozen dtype) unless it is the model itself, then released."""
+    from trainers.evaluate import evaluate_probe, load_probe_set
+    from trainers.models import load_causal_lm
+
+    examples = load_probe_set(spec.eval.probe_set)
+    tel.set_phase("eval_probe", n_samples=len(examples))
+    same = model_path == spec.base_student
+    base = model if same else load_causal_lm(spec.base_student, device, precision.frozen_dtype, trainable=False)
+    try:
+        return evaluate_probe(model, tok, examples, judge, base=base, model_name=f"probe:{model_path}",
+                              samples_path=samples_path, stop=stop, **_eval_settings(spec, device, tel, precision))
+    finally:
+        del base
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 def run(spec_path: str | Path, stream=None) -> int:
@@ -375,11 +415,11 @@ def eval_command(model_path: str, spec_path: str, out: str | None, stream=None) 
         teacher = load_causal_lm(spec.teacher, device, precision.frozen_dtype, trainable=False)
         out_path = Path(out) if out else spec.output_dir / "eval" / f"{Path(model_path).name}.json"
         tel.set_phase("eval", n_samples=len(examples))
-        report = evaluate(student, tok, examples, judge, model_name=model_path, max_new_tokens=spec.eval.max_new_tokens,
-                          max_prompt_tokens=max(8, spec.optim.max_length - spec.eval.max_new_tokens), device=device,
-                          teacher=teacher,
-                          batch_size=spec.optim.per_device_train_batch_size * spec.optim.gradient_accumulation_steps,
-                          samples_path=out_path.with_suffix(".samples.jsonl"), telemetry=tel, precision=precision)
+        report = evaluate(student, tok, examples, judge, model_name=model_path, teacher=teacher,
+                          samples_path=out_path.with_suffix(".samples.jsonl"), **_eval_settings(spec, device, tel, precision))
+        if spec.eval.probe_set:
+            report.probe = _probe(student, model_path, spec, tok, judge, device, tel, None, precision,
+                                  out_path.with_suffix(".probe_samples.jsonl"))
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(report.model_dump_json(indent=2))
         tel.emit("eval", which="model", path=str(out_path), **report.model_dump(mode="json"),

@@ -60,11 +60,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     for model in data["models"]:
         aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(model["aliases"].items())) or "no aliases"
         print(f"{model['policy']}: {model['registered_model']} ({aliases})")
-        print(f"  {'version':>7}  {'run':>5}  {'decision':<8}  {'success':>7}  {'tokens':>7}  {'Δsuccess':>8}  {'-tok%':>6}  aliases")
+        print(f"  {'version':>7}  {'run':>5}  {'decision':<8}  {'success':>7}  {'tokens':>7}  {'Δsuccess':>8}  {'-tok%':>6}  "
+              f"{'tainted':>7}  aliases")
         for v in model["versions"]:
             print(f"  {v['version']:>7}  {_fmt(v['atlasd_run_id']):>5}  {_fmt(v['decision']):<8}  "
                   f"{_fmt(v['eval.success_rate']):>7}  {_fmt(v['eval.avg_tokens']):>7}  {_fmt(v['metrics.success_delta']):>8}  "
-                  f"{_fmt(v['metrics.token_reduction_pct']):>6}  {','.join(v['aliases'])}")
+                  f"{_fmt(v['metrics.token_reduction_pct']):>6}  {_fmt(v['tainted']):>7}  {','.join(v['aliases'])}")
+        champion = next((v for v in model["versions"] if v["version"] == model["aliases"].get("champion")), None)
+        if champion is not None and champion["tainted"]:
+            print(f"  warning: champion v{champion['version']} is tainted: it trained on {champion['tainted']} "
+                  f"session(s) revoked since; it is not rolled back automatically (`atlasd rollback {model['policy']}`)")
     return 0
 
 
