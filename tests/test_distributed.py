@@ -1,6 +1,7 @@
 """Training on several ranks (``trainers.distributed``), on CPU with gloo: two ranks with FSDP2 match one
 process with the same global batch, SIGTERM to the group then resume equals an uninterrupted two-rank
-run, and the executor's group signals (the runner's reaping after a daemon crash) reach every rank."""
+run, the sharded teacher scores and samples as the whole one (and is whole again for rank 0 alone), and
+the executor's group signals (the runner's reaping after a daemon crash) reach every rank."""
 
 from __future__ import annotations
 
@@ -126,6 +127,95 @@ def test_two_ranks_match_one_process_and_resume_exactly_after_sigterm(db_url, ti
     again = json.loads((tmp_path / "stopped" / "final" / "trainer_state.json").read_text())["history"]
     assert [h["loss"] for h in again] == pytest.approx([h["loss"] for h in whole], rel=1e-6)
     _assert_same_weights(tmp_path / "whole" / "final", tmp_path / "stopped" / "final", atol=1e-6)
+
+
+TEACHER_RANKS = textwrap.dedent(
+    """
+    import sys
+    from trainers.distributed import launch
+    from tests.test_distributed import _teacher_rank
+    if __name__ == "__main__":
+        sys.exit(launch(2, _teacher_rank, sys.argv[1], sys.argv[2]))
+    """
+)
+# a global batch of 4 token-id prompts (different lengths: left padding) and completions; rank r takes 2 of them
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17, 18]]
+COMPLETIONS = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29]]
+
+
+def _teacher_rank(teacher_path: str, out: str) -> None:
+    """One of two gloo ranks: the tiny teacher's logits at the completion positions and its seeded samples
+    on this rank's slice, whole (as loaded on every rank), then sharded (``shard`` under its
+    ``TeacherHidden`` root, gathered as the trainer gathers it), then gathered whole again
+    (``keep_gathered``) and run by rank 0 alone while rank 1 waits; each rank writes what it saw to
+    ``out/rank-R.json``."""
+    from trainers.distributed import Ranks, gathered_root, keep_gathered, shard
+    from trainers.generation import hf_generate, request_seeds, sampling_for
+    from trainers.gkd import TeacherHidden
+    from trainers.loss import Head
+    from trainers.models import hf_model, load_causal_lm, load_tokenizer
+
+    ranks = Ranks.join("cpu")
+    cpu = torch.device("cpu")
+    teacher = load_causal_lm(teacher_path, cpu, torch.float32, trainable=False)
+    tok = load_tokenizer(teacher_path)
+    lo = ranks.rank * 2
+    prompts, completions = PROMPTS[lo: lo + 2], COMPLETIONS[lo: lo + 2]
+    sampling = sampling_for(tok, teacher, max_new_tokens=6, temperature=1.0, seed=0)
+    seeds = request_seeds(0, 1, len(PROMPTS))[lo: lo + 2]
+
+    root = TeacherHidden(teacher)
+
+    def logits() -> torch.Tensor:
+        return Head.of(teacher).logits(root(prompts, completions, tok.pad_token_id, cpu), len(tok))
+
+    def samples(sharded: bool) -> list[list[int]]:
+        return hf_generate(teacher, prompts, sampling, device=cpu, seeds=seeds, sharded=sharded)
+
+    def local_bytes() -> int:
+        return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in teacher.parameters())
+
+    with torch.no_grad():
+        whole_logits, whole_samples, whole_bytes = logits(), samples(False), local_bytes()
+        shard(root, hf_model(teacher).get_decoder().layers)
+        sharded_bytes = local_bytes()
+        with gathered_root(root, frozen=True):
+            sharded_logits, sharded_samples = logits(), samples(True)
+        keep_gathered(root)
+        again_logits, again_samples = ranks.on_main(lambda: (logits(), samples(False)))  # rank 0 alone
+    Path(out, f"rank-{ranks.rank}.json").write_text(json.dumps({
+        "whole_bytes": whole_bytes, "sharded_bytes": sharded_bytes, "rows": whole_logits.shape[0],
+        "sharded_logits_diff": (sharded_logits - whole_logits).abs().max().item(),
+        "sharded_samples_equal": sharded_samples == whole_samples,
+        "again_logits_diff": (again_logits - whole_logits).abs().max().item() if ranks.main else None,
+        "again_samples_equal": again_samples == whole_samples if ranks.main else None,
+        "samples": whole_samples}))
+    ranks.leave()
+
+
+def test_the_sharded_teacher_scores_and_samples_as_the_whole_one(tiny_models, tmp_path):
+    """The teacher sharded over two gloo ranks: each rank holds half of the teacher's weights; with its root
+    gathered the teacher's logits at the completion positions (what the loss reads) are those of the
+    whole teacher, exactly, and so are its seeded samples (``synced_gpus``); after ``keep_gathered`` rank 0
+    alone scores and samples the same (the final evaluation), with no collective."""
+    (tmp_path / "teacher_ranks.py").write_text(TEACHER_RANKS)
+    teacher_path, _ = tiny_models
+    proc = subprocess.run([sys.executable, str(tmp_path / "teacher_ranks.py"), teacher_path, str(tmp_path)],
+                          capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                               "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    print()
+    for r, s in enumerate(seen):
+        print(f"rank {r}: teacher weights {s['whole_bytes']} B whole, {s['sharded_bytes']} B sharded; "
+              f"logits max |diff| sharded {s['sharded_logits_diff']:.1e}, again {s['again_logits_diff']}; "
+              f"samples {s['samples']}")
+    assert seen[0]["whole_bytes"] == seen[1]["whole_bytes"]
+    assert seen[0]["sharded_bytes"] + seen[1]["sharded_bytes"] == seen[0]["whole_bytes"]
+    assert all(s["sharded_bytes"] <= 0.55 * s["whole_bytes"] for s in seen)
+    assert all(s["rows"] > 0 and s["sharded_logits_diff"] == 0.0 and s["sharded_samples_equal"] for s in seen)
+    assert all(len(c) > 0 for s in seen for c in s["samples"])
+    assert seen[0]["again_logits_diff"] == 0.0 and seen[0]["again_samples_equal"]
 
 
 SLEEPER = textwrap.dedent(

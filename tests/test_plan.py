@@ -148,7 +148,7 @@ def test_reference_policy_on_80_141_and_128_gb(qwen, tmp_path):
     eight = next(w for w in full.ways_out_detail if w.change == "optim.optimizer: adamw-8bit")
     assert eight.saves_bytes / GiB == pytest.approx(PARAMS["Qwen2.5-7B-Instruct"] * 6 / GiB, rel=0.02)
     assert not eight.fits
-    assert any(w.startswith("optim.num_gpus: 8: saves") and "fits" in w for w in full.ways_out)
+    assert any(w.startswith("optim.num_gpus: 4: saves") and "fits" in w for w in full.ways_out)
     assert any("gkd.max_new_tokens" in w for w in full.ways_out) and any("optim.max_length" in w for w in full.ways_out)
     # the LoRA gear keeps the full fine-tuning learning rate: a note says so
     assert any("LoRA usually needs ~10x" in n and "0.0002" in n for n in rows[0][2].notes)
@@ -163,28 +163,61 @@ def test_reference_policy_on_80_141_and_128_gb(qwen, tmp_path):
               f"{verdict(a8)} | LoRA {verdict(lo)} | LoRA+GC {verdict(lg)}")
 
 
-def test_several_gpus_shard_the_student_and_the_teacher_stays_whole(qwen, tmp_path):
-    """The reference full fine-tune, refused on one 80 GB GPU, on 8 of them: per GPU the student's fp32
-    weights, gradients and AdamW state / 8 (FSDP2), the teacher whole, what FSDP2 gathers (root parameters
-    and ~3 layers), and a loading moment (each rank loads the whole fp32 student before sharding it). The
-    one-GPU plan's ways out name the GPU count that fits; checkpoints stay consolidated on disk."""
+def test_several_gpus_shard_the_student_and_the_teacher(qwen, tmp_path):
+    """The reference full fine-tune (7B student, 14B bf16 teacher), refused on one 80 GB GPU, on 8 of them:
+    per GPU the student's fp32 weights, gradients and AdamW state / 8 and the teacher's weights / 8 (FSDP2);
+    what FSDP2 gathers (the student's root and ~3 fp32 layers; the teacher's root, embeddings + head + norm
+    in bf16, for each micro-batch, and ~3 of its bf16 layers in its forward); a loading moment (each rank
+    holds the whole fp32 student and the whole teacher before sharding them: the peak on 8 GPUs) and a final
+    evaluation moment (the teacher whole again, rank 0 reloading final/). The one-GPU plan's ways out name
+    the smallest GPU count that fits (4); checkpoints stay consolidated on disk."""
     spec = reference_spec(qwen, tmp_path)
     one = build_plan(spec, device_memory_bytes=80 * GiB, gpus=1)
+    four = build_plan(spec, device_memory_bytes=80 * GiB, gpus=4)
     eight = build_plan(spec, device_memory_bytes=80 * GiB, gpus=8)
-    n = PARAMS["Qwen2.5-7B-Instruct"]
-    assert (one.world, one.layout) == (1, "one device") and "loading" not in one.moments
-    assert eight.world == 8 and eight.as_dict()["ranks"] == 8 and "FSDP2" in eight.layout
+    n, nt = PARAMS["Qwen2.5-7B-Instruct"], PARAMS["Qwen2.5-14B-Instruct"]
+    assert (one.world, one.layout) == (1, "one device") and not {"loading", "final evaluation"} & set(one.moments)
+    assert not any("FSDP2" in p.name or p.name.startswith("whole") for p in one.parts)
+    assert eight.world == 8 and eight.as_dict()["ranks"] == 8 and eight.layout.startswith("student and teacher")
     assert eight.part("student weights").bytes == pytest.approx(n * 4 / 8, rel=1e-4)
     assert eight.part("optimizer state").bytes == n * 8 // 8 and eight.part("gradients").bytes == n * 4 // 8
-    assert eight.part("teacher weights").bytes == one.part("teacher weights").bytes
-    assert eight.part("whole student (loading)").bytes == n * 4 and eight.part("FSDP2 gathered").bytes > 0
+    assert one.part("teacher weights").bytes == pytest.approx(nt * 2, rel=1e-6)
+    assert eight.part("teacher weights").bytes == pytest.approx(nt * 2 / 8, rel=1e-4)
+    qwen14 = QWEN["Qwen2.5-14B-Instruct"]
+    root = 2 * qwen14["vocab_size"] * qwen14["hidden_size"] + qwen14["hidden_size"]  # untied: embeddings + head
+    layer = (nt - root) // qwen14["num_hidden_layers"]
+    t_root, t_layers = eight.part("teacher FSDP2 root"), eight.part("teacher FSDP2 layers")
+    assert (t_root.bytes, t_layers.bytes) == (2 * root, 2 * 3 * layer)
+    assert t_root.bytes / GiB == pytest.approx(2.90, abs=0.01) and t_layers.bytes / GiB == pytest.approx(1.54, abs=0.01)
+    assert t_layers.when == ("teacher forward",)  # the fast gear: no seq_kd, the teacher never samples
+    assert set(t_root.when) == {"teacher forward", "student forward", "loss backward", "layer backward"}
+    assert eight.part("whole student (loading)").bytes == n * 4 - n * 4 // 8
+    assert eight.part("whole teacher").bytes == nt * 2 - nt * 2 // 8
+    assert eight.part("whole teacher").when == ("loading", "final evaluation")
     assert eight.part("activations").bytes == one.part("activations").bytes  # each rank: its own micro-batches
-    assert not one.fits and eight.fits and 60 < eight.total_bytes / GiB < 75
+    # the loading moment: the whole fp32 student and bf16 teacher (56.3 GiB) + the optimizer state's shard
+    assert eight.peak_moment == "loading"
+    assert eight.total_bytes == pytest.approx(n * 4 + nt * 2 + n * 8 // 8, rel=1e-6)
+    assert eight.total_bytes / GiB == pytest.approx(62.97, abs=0.05)
+    training = eight.static_bytes + max(b for m, b in eight.moments.items() if m not in ("loading", "final evaluation"))
+    assert training / GiB == pytest.approx(41.35, abs=0.05)
+    assert eight.static_bytes + eight.moments["final evaluation"] < eight.total_bytes
+    assert not one.fits and four.fits and eight.fits and four.total_bytes / GiB == pytest.approx(70.07, abs=0.05)
+    assert not build_plan(spec, device_memory_bytes=80 * GiB, gpus=2).fits
     way = next(w for w in one.ways_out_detail if w.change.startswith("optim.num_gpus"))
-    assert way.change == "optim.num_gpus: 8" and way.fits and way.total_bytes == eight.total_bytes
+    assert way.change == "optim.num_gpus: 4" and way.fits and way.total_bytes == four.total_bytes
+    assert "teacher's weights sharded over 4 GPUs" in way.note
     assert build_plan(reference_spec(qwen, tmp_path, num_gpus=4), device_memory_bytes=80 * GiB).world == 4
-    assert "per GPU of 8" in format_plan(eight)
+    text = format_plan(eight)
+    assert "per GPU of 8" in text and "student and teacher sharded with FSDP2" in text
+    seq_kd = spec.model_copy(update={"gkd": GKDSettings(seq_kd=True, lmbda=0.5)})
+    seq_kd = build_plan(seq_kd, device_memory_bytes=80 * GiB, gpus=8)
+    assert "teacher generation" in seq_kd.part("teacher FSDP2 layers").when
+    assert "teacher generation" in seq_kd.part("teacher FSDP2 root").when
     assert disk_plan(spec, eight).checkpoint_bytes == pytest.approx(disk_plan(spec, one).checkpoint_bytes, rel=1e-4)
+    print(f"\nreference full FT per 80 GB GPU: 1 GPU {one.total_bytes / GiB:.2f} GiB, 4 GPUs "
+          f"{four.total_bytes / GiB:.2f}, 8 GPUs {eight.total_bytes / GiB:.2f} (peak {eight.peak_moment}; training "
+          f"{training / GiB:.2f})")
 
 
 def test_vllm_share_counts_while_it_samples_and_can_be_lowered(qwen, tmp_path):

@@ -14,9 +14,14 @@ signal: 1), 0 when every rank exits 0.
 
 **Ranks.** Rank r uses ``cuda:r`` (NCCL) or the CPU (gloo). The student is sharded with FSDP2
 (``torch.distributed.fsdp.fully_shard``: each decoder layer, then the whole; fp32 parameters,
-gradients and AdamW state are split over the ranks); the teacher is replicated on every rank (no
-gradients, no collectives). Gradients are reduced as a sum (the loss is already divided by the
-global token count), so the update equals one process's on the same global batch.
+gradients and AdamW state are split over the ranks). So is the teacher (``shard``: inference only, no
+gradients, no optimizer state; its parameters stay in their storage dtype): each decoder layer is
+gathered for its forward and freed after it, the root's (embeddings, final norm, head) around each use
+(``gathered_root``). Both are loaded whole on every rank before they are sharded (rank 0 evaluates
+the starting student with them), and the teacher is gathered whole again on every rank after training
+(``keep_gathered``: rank 0 evaluates the final model with it alone). Gradients are reduced as a sum
+(the loss is already divided by the global token count), so the update equals one process's on the
+same global batch.
 
 **World size** (``world_size``): ``optim.num_gpus`` when set, else every GPU the trainer sees
 (``CUDA_VISIBLE_DEVICES``: the runner exports ``ATLASD_CUDA_VISIBLE_DEVICES`` as that); on device
@@ -176,32 +181,63 @@ class Ranks:
 ALONE = Ranks()  # one process, no process group
 
 
-def shard_student(model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:
-    """FSDP2 over the process group: each decoder layer, then ``model`` (the root holds the embeddings,
-    the final norm and the head). Gradients are reduced as a plain sum."""
+def shard(model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:
+    """FSDP2 over the process group: each decoder layer, then ``model`` (the root holds the rest: the
+    embeddings, the final norm and the head). Parameters keep their dtype (no mixed-precision policy);
+    the layers reshard after their forward, so one layer is whole at a time (with FSDP2's all-gather
+    buffers), besides the root's parameters while they are gathered. The teacher (inference only: no
+    gradients, no optimizer state) is sharded with this as is, under its ``trainers.gkd.TeacherHidden``."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def shard_student(model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:
+    """``model`` (the student under its loss module) sharded as ``shard`` says; gradients are reduced as
+    a plain sum."""
+    from torch.distributed.fsdp import FSDPModule
+
+    shard(model, layers)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
 
 
+def keep_gathered(root) -> None:
+    """Gather every FSDP2 unit under ``root`` whole on every rank (collectives: all ranks call this) and
+    keep it so: no unit reshards after a forward any more, so one rank alone can then run the model (rank
+    0's final evaluation with the teacher). The root is set up first, as in ``gathered_root``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root._get_fsdp_state()._lazy_init()
+    root.set_reshard_after_forward(False)  # recursive
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+
+
 @contextlib.contextmanager
-def gathered_root(model) -> Iterator[None]:
+def gathered_root(model, *, frozen: bool = False) -> Iterator[None]:
     """The FSDP2 root's own parameters (embeddings, final norm, head) gathered around a ``generate`` of
-    the sharded student: ``generate`` calls the HF model inside the root, not the root itself (the layers
-    gather themselves in their forward). The root is set up first, as its first forward would do
-    (``_lazy_init``: FSDP2 has no public call for it), or the first layer to run would take its place."""
+    the sharded student or teacher (``generate`` calls the HF model inside the root, not the root itself;
+    the layers gather themselves in their forward), and around a micro-batch's teacher forward and the loss
+    forward and backward that read the teacher's head. The root is set up first, as its first forward
+    would do (``_lazy_init``: FSDP2 has no public call for it), or the first layer to run would take its
+    place. A collective: all ranks enter. ``frozen`` (the teacher, which never runs a backward): on exit
+    every unit is resharded and FSDP2's per-iteration records are cleared (``reset_iter_state``; otherwise
+    only a backward clears them, and they would grow with every forward)."""
     model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        if frozen:
+            model.reset_iter_state()
+        else:
+            model.reshard()

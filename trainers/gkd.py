@@ -28,7 +28,9 @@ Several ranks (``trainers.distributed``): the global batch of a step (``per_devi
 gradient_accumulation_steps x ranks`` examples, in the one-process order) is cut into consecutive
 slices, one per rank; each completion is sampled from its own seed (its position in the global batch),
 the token count that divides the loss is the global one and the student's gradients are summed over the
-ranks, so the loss and the update are those of one process with the same global batch. Stops are agreed
+ranks, so the loss and the update are those of one process with the same global batch. The teacher is
+sharded too (inference only: its layers gathered one at a time, its root around each micro-batch and each
+sample), and gathered whole again when training ends, for rank 0's final evaluation. Stops are agreed
 (an all-reduce of the stop flag after generation and after each step), so every rank stops at one step.
 Checkpoints are consolidated: rank 0 writes the same folder as one process (HF weights gathered from the
 shards, the optimizer state as a full FQN-keyed state dict), so a checkpoint resumes at any rank count.
@@ -56,7 +58,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from atlasd.runspec import GKDSettings, OptimSettings
 from trainers.dataset import Example, encode_completion, encode_prompt
-from trainers.distributed import ALONE, Ranks, gathered_root, shard_student
+from trainers.distributed import (
+    ALONE,
+    Ranks,
+    gathered_root,
+    keep_gathered,
+    shard,
+    shard_student,
+)
 from trainers.generation import (
     hf_generate,
     pad_left,
@@ -128,6 +137,19 @@ class StudentLoss(torch.nn.Module):
         return token_divergence(hidden, Head.of(self.student), teacher_hidden, teacher_head, beta, vocab_size)
 
 
+class TeacherHidden(torch.nn.Module):
+    """The teacher's last hidden states at a micro-batch's completion positions (``completion_hidden``) as
+    one module call. Under FSDP2 this module is the teacher's root: its parameters (embeddings, final norm,
+    head) are gathered around the whole micro-batch (``gathered_root``), as the loss reads the head."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> torch.Tensor:
+        return completion_hidden(self.teacher, prompts, completions, pad_id, device)[0]
+
+
 # --- data order --------------------------------------------------------------------------------
 def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
     """Example indices of optimizer step ``step`` (1-based): consecutive slices of a concatenation of
@@ -173,7 +195,8 @@ class GKDTrainer:
                  serve_dtype: torch.dtype | None = None, ranks: Ranks = ALONE):
         """``vllm``: a ``trainers.vllm_backend.VllmGenerator`` for the student's samples (else HF
         generate). ``serve_dtype``: the dtype ``final/`` is saved in (default: the student's own).
-        ``ranks``: this process's place among several (the student is sharded here); default alone."""
+        ``ranks``: this process's place among several (the student and the teacher are sharded here; the
+        teacher is whole again on every rank once ``train`` returns); default alone."""
         from transformers import get_scheduler
 
         if not train:
@@ -214,8 +237,10 @@ class GKDTrainer:
             set_checkpointing(hf_model(student), True)
         student.train()
         self.model = StudentLoss(student)
+        self.teacher_hidden = TeacherHidden(teacher)
         if ranks.sharded:
             shard_student(self.model, hf_model(student).get_decoder().layers)
+            shard(self.teacher_hidden, hf_model(teacher).get_decoder().layers)
         self.optimizer = make_optimizer(self.model, optim, device)
         self.scheduler = get_scheduler(optim.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(optim.warmup_ratio * self.total),
@@ -231,10 +256,20 @@ class GKDTrainer:
         if self.vllm is not None and mode == "student":
             return self.vllm.generate(self.student, prompts, self.sampling, step=step, stop=self.stop)
         seeds = request_seeds(self.optim.seed, step, first + len(batch))[first:]
-        sharded = mode == "student" and self.ranks.sharded  # the teacher is whole on every rank
-        with self.precision.autocast(), gathered_root(self.model) if sharded else contextlib.nullcontext():
+        sharded = self.ranks.sharded
+        if mode == "teacher":
+            gathered = self._gathered_teacher()
+        else:
+            gathered = gathered_root(self.model) if sharded else contextlib.nullcontext()
+        with self.precision.autocast(), gathered:
             return hf_generate(self.student if mode == "student" else self.teacher, prompts, self.sampling,
                                device=self.device, stop=self.stop, seeds=seeds, sharded=sharded)
+
+    def _gathered_teacher(self):
+        """Several ranks: the sharded teacher's root parameters (embeddings, final norm, head) gathered, around
+        its samples and around a micro-batch's teacher forward and loss forward and backward (which read its
+        head); its per-forward records cleared after. Alone: nothing."""
+        return gathered_root(self.teacher_hidden, frozen=True) if self.ranks.sharded else contextlib.nullcontext()
 
     def train_step(self, step: int) -> dict | None:
         """Run optimizer step ``step``; None if a stop request cut its generation short (nothing applied)."""
@@ -261,13 +296,15 @@ class GKDTrainer:
             if not any(comps):
                 continue
             t1 = _now(cuda)
-            with self.precision.autocast(), torch.no_grad():
-                t_hidden, _ = completion_hidden(self.teacher, prompts, comps, self.pad, self.device)
-            t2 = _now(cuda)
-            with self.precision.autocast():
-                div = self.model(prompts, comps, self.pad, t_hidden, Head.of(self.teacher), self.gkd.beta, self.vocab)
-                loss = div.sum() / max(n_tokens, 1)
-            loss.backward()
+            with self._gathered_teacher():
+                with self.precision.autocast(), torch.no_grad():
+                    t_hidden = self.teacher_hidden(prompts, comps, self.pad, self.device)
+                t2 = _now(cuda)
+                with self.precision.autocast():
+                    div = self.model(prompts, comps, self.pad, t_hidden, Head.of(self.teacher), self.gkd.beta,
+                                     self.vocab)
+                    loss = div.sum() / max(n_tokens, 1)
+                loss.backward()
             loss_sum += loss.item()
             t_teacher += t2 - t1
             t_student += _now(cuda) - t2
@@ -294,6 +331,14 @@ class GKDTrainer:
 
     # loop -------------------------------------------------------------------------------------
     def train(self) -> TrainOutcome:
+        """Train to the last step (or to a stop: ``Interrupted``); several ranks: every rank calls this,
+        and on return the teacher is whole on each (``keep_gathered``), so rank 0 can evaluate with it alone."""
+        outcome = self._train()
+        if self.ranks.sharded:
+            keep_gathered(self.teacher_hidden)
+        return outcome
+
+    def _train(self) -> TrainOutcome:
         final = self.out / "final"
         if final_complete(self.out) and _state(final)["step"] == self.total:
             self.step, self.history = self.total, _state(final)["history"]

@@ -70,15 +70,22 @@ fp32 head is cast to bf16 one 32768-row chunk at a time, and in backward each ti
 bf16-mixed autocast, LoRA, checkpointing): the totals are within 1-2 %, each moment within a few %.
 
 **Several GPUs** (``optim.num_gpus``, ``trainers.distributed``; the plan is per GPU, every GPU alike): the
-student's fp32 weights, gradients and AdamW state are sharded over the N ranks by FSDP2 (/N each); the
-teacher is whole on every GPU; each rank samples, and runs forward and backward on, its own
-``per_device_train_batch_size x gradient_accumulation_steps`` examples, so the activations, the sampler
-and the loss are those of one GPU. On top: what FSDP2 gathers (the root's parameters, embeddings, final
-norm and head, unsharded for a whole forward and backward, and about three layers' fp32 parameters or
-gradients at once: the current layer, the prefetched one and one gradient before its reduce-scatter), and
-a *loading* moment: each rank loads the whole fp32 student before sharding it (rank 0 evaluates the
-starting student then). The autocast weight cache is not sharded (autocast keeps a bf16 copy of each
-gathered Linear weight until the forward ends). This part of the plan is a paper estimate: it is not
+student's fp32 weights, gradients and AdamW state are sharded over the N ranks by FSDP2 (/N each), and so
+are the teacher's weights (/N, in their dtype; no gradients, no optimizer state); each rank samples, and
+runs forward and backward on, its own ``per_device_train_batch_size x gradient_accumulation_steps``
+examples, so the activations, the sampler and the loss are those of one GPU. On top, what FSDP2 gathers:
+for the student, the root's parameters (embeddings, final norm and head) for a whole forward and backward
+and about three layers' fp32 parameters or gradients at once (the current layer, the prefetched one and
+one gradient before its reduce-scatter); for the teacher, its root's parameters (the same three, in its
+dtype) around each micro-batch (its forward, and the loss forward and backward that read its head) and
+each teacher sample, and about three of its layers at once in its forward (the current one, its
+all-gather buffer, the next one's). Two more moments: *loading*, where each rank holds the whole fp32
+student and the whole teacher before sharding them (both are loaded whole on every rank; rank 0 evaluates
+the starting student then; the optimizer state counted static is not allocated yet), and *final
+evaluation*, where the teacher is gathered whole again on every rank and rank 0 reloads ``final/`` to
+evaluate it (counted in the frozen dtype; the student's shards and optimizer state, freed by then, are
+still counted; the evaluation's sampler is not). The autocast weight cache is not sharded (autocast keeps a bf16 copy of
+each gathered Linear weight until the forward ends). This part of the plan is a paper estimate: it is not
 checked against a measurement (CPU ranks share one memory, and no GPU has run it yet).
 
 **Safety margin**: a run fits when the peak is at most ``free - 5 % of total - 1 GB``: the 5 %
@@ -117,9 +124,10 @@ LORA_LR_FACTOR = 10  # LoRA typically needs ~10x the full fine-tuning learning r
 TIGHT_FRACTION = 0.03  # a fit with less than this share of the device to spare is reported as tight
 
 MOMENTS = ("loading", "generation", "teacher generation", "teacher forward", "student forward", "loss backward",
-           "layer backward", "optimizer step")
+           "layer backward", "optimizer step", "final evaluation")
 _SHORT = {"loading": "load", "generation": "gen", "teacher generation": "teacher-gen", "teacher forward": "teacher",
-          "student forward": "fwd", "loss backward": "loss-bwd", "layer backward": "layer-bwd", "optimizer step": "step"}
+          "student forward": "fwd", "loss backward": "loss-bwd", "layer backward": "layer-bwd",
+          "optimizer step": "step", "final evaluation": "eval"}
 
 
 class PlanError(BadSpec):
@@ -373,7 +381,7 @@ class MemoryPlan:
     def layout(self) -> str:
         if self.world == 1:
             return "one device"
-        return f"student sharded over {self.world} ranks (FSDP2), teacher whole on each"
+        return f"student and teacher sharded over {self.world} ranks (FSDP2)"
 
     @property
     def ways_out(self) -> list[str]:
@@ -494,6 +502,13 @@ def _lora_first_layer_saving(s: ModelShape, st: _Settings) -> float:
     return s.hidden * 4 + 4 + mask * sum(i for n, i in s.layer_lora_inputs(st.lora) if n in _NORM1_READERS)
 
 
+def _fsdp_units(s: ModelShape) -> tuple[int, int]:
+    """Parameters of a model's FSDP2 root (embeddings, head unless tied, final norm) and of one of its
+    decoder layers (the rest, split evenly: Llama/Qwen2 layers are alike)."""
+    root = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden
+    return root, (s.n_params - root) // max(s.layers, 1)
+
+
 def _working_set(s: ModelShape, tokens: int, seq: int, batch: int, e_c: int, e_stream: int) -> int:
     """Peak of one no-grad forward over ``tokens`` tokens beyond what it keeps: one layer's transients
     (MLP gate/up/product, q/k/v and repeated k/v, the residual and norm in the stream dtype) and the
@@ -532,8 +547,9 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
         parts.append(Part("student weights", student.n_params * e_f + trained * 4 + student.buffer_bytes,
                           f"frozen base {_fmt_params(student.n_params)} x {e_f} B ({'bf16' if e_f == 2 else 'fp32'}) "
                           f"+ LoRA r={st.lora.r} adapters {_fmt_params(trained)} x 4 B (fp32)"))
-    parts.append(Part("teacher weights", teacher.n_params * e_f + teacher.buffer_bytes,
-                      f"{_fmt_params(teacher.n_params)} x {e_f} B ({'bf16' if e_f == 2 else 'fp32'}), no grads"))
+    parts.append(Part("teacher weights", teacher.n_params * e_f // n + teacher.buffer_bytes,
+                      f"{_fmt_params(teacher.n_params)} x {e_f} B ({'bf16' if e_f == 2 else 'fp32'}), no grads"
+                      + sharded))
     if st.optimizer == "adamw-8bit":
         small = student.small_params if st.lora is None else sum(
             n for _, i, o in student.lora_targets(st.lora) for n in (st.lora.r * i, st.lora.r * o) if _ao_fp32(n))
@@ -550,20 +566,38 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
     parts.append(Part("gradients", trained * 4 // n, f"fp32, 4 B x {_fmt_params(trained)} trained{sharded}"
                       + ("; all of them from the 2nd micro-batch on" if GA > 1 else ""),
                       grads_in_forward + ("layer backward", "optimizer step")))
+    student_generates = spec.gkd.lmbda > 0 and st.backend == "hf"
+    teacher_generates = spec.gkd.seq_kd and spec.gkd.lmbda < 1
     if n > 1:  # FSDP2: the root's parameters for a whole forward + backward, ~3 layers' at a time
-        root = student.vocab * student.hidden * (1 if student.tied else 2) + student.hidden
-        layer = (student.n_params - root) // max(student.layers, 1)
+        root, layer = _fsdp_units(student)
         parts.append(Part("FSDP2 gathered", 4 * (root + 3 * layer),
                           f"fp32 root parameters (embeddings, head, final norm) {_fmt_params(root)} + 3 layers' "
                           f"parameters or gradients ({_fmt_params(layer)} each), unsharded",
-                          ("generation", "student forward", "loss backward", "layer backward")))
-        parts.append(Part("whole student (loading)", student.n_params * 4,
-                          "every rank loads the fp32 student before sharding it (rank 0 evaluates it then)",
-                          ("loading",)))
+                          (("generation",) if student_generates else ()) + ("student forward", "loss backward",
+                                                                           "layer backward")))
+        t_sample = ("teacher generation",) if teacher_generates else ()
+        t_root, t_layer = _fsdp_units(teacher)
+        parts.append(Part("teacher FSDP2 root", e_f * t_root,
+                          f"the teacher's root parameters (embeddings, head, final norm) {_fmt_params(t_root)} x "
+                          f"{e_f} B, unsharded around each micro-batch (its forward, the loss that reads its head) "
+                          "and sample",
+                          t_sample + ("teacher forward", "student forward", "loss backward", "layer backward")))
+        parts.append(Part("teacher FSDP2 layers", e_f * 3 * t_layer,
+                          f"3 teacher layers' parameters ({_fmt_params(t_layer)} x {e_f} B each: the current one, its "
+                          "all-gather buffer, the next one's), unsharded in its forward",
+                          t_sample + ("teacher forward",)))
+        parts.append(Part("whole student (loading)", student.n_params * 4 - student.n_params * 4 // n,
+                          "every rank loads the whole fp32 student before sharding it (rank 0 evaluates it then); "
+                          "beyond its shard", ("loading",)))
+        parts.append(Part("whole teacher", teacher.n_params * e_f - teacher.n_params * e_f // n,
+                          "every rank loads the whole teacher before sharding it, and gathers it whole again after "
+                          "training (rank 0's final evaluation runs it alone); beyond its shard",
+                          ("loading", "final evaluation")))
+        parts.append(Part("final student (evaluation)", student.n_params * e_f,
+                          f"rank 0 reloads final/ ({_fmt_params(student.n_params)} x {e_f} B) to evaluate it",
+                          ("final evaluation",)))
 
     # autocast weight cache
-    student_generates = spec.gkd.lmbda > 0 and st.backend == "hf"
-    teacher_generates = spec.gkd.seq_kd and spec.gkd.lmbda < 1
     if st.mixed:
         cast = 2 * (student.decoder_linear_params if st.lora is None else trained)
         when = (("generation",) if student_generates else ()) + ("student forward",) + (() if st.gc else backward)
@@ -695,8 +729,8 @@ def _plan(spec: RunSpec, student: ModelShape, teacher: ModelShape, device_type: 
         f"batch {B} x accumulation {GA}, max_length {L}, max_new_tokens {C}, generation {st.backend}",
     ]
     if n > 1:
-        summary.append(f"{n} GPUs (ranks): student sharded with FSDP2, teacher whole on each; global batch "
-                       f"{B * GA * n}; bytes per GPU")
+        summary.append(f"{n} GPUs (ranks): student and teacher sharded with FSDP2; global batch {B * GA * n}; "
+                       "bytes per GPU")
     return MemoryPlan(
         device=device_desc, device_type=device_type, precision="bf16-mixed" if st.mixed else "fp32",
         gradient_checkpointing=st.gc, parts=parts, static_bytes=static, moments=moments, peak_moment=peak_moment,
@@ -783,8 +817,8 @@ def _ways_out(spec: RunSpec, plan: MemoryPlan, replan) -> list[WayOut]:
         best = next((p for p in more if p.fits), more[-1] if more else None)
         if best is not None:
             ways.append(WayOut(f"optim.num_gpus: {best.world}", plan.total_bytes - best.total_bytes, best.total_bytes,
-                               best.fits, f"the student's weights, gradients and AdamW state sharded over {best.world} "
-                               f"GPUs (FSDP2), the teacher whole on each; global batch x {best.world}; per GPU"))
+                               best.fits, f"the student's weights, gradients and AdamW state and the teacher's "
+                               f"weights sharded over {best.world} GPUs (FSDP2); global batch x {best.world}; per GPU"))
     return ways
 
 
