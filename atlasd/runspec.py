@@ -326,6 +326,8 @@ class RunResult(_Strict):
     steps: int = 0
     n_train: int = 0
     n_eval: int = 0
+    window_sessions: int = Field(0, description="The window's sessions trained on: the run's n_traces, but for "
+                                 "sessions deleted or un-approved since it was queued (in skipped).")
     skipped: dict[str, int] = Field(default_factory=dict, description="Sessions dropped, by reason.")
     train_metrics: dict[str, float] = Field(default_factory=dict)
     eval_start: EvalReport | None = Field(

@@ -82,6 +82,8 @@ def test_demo_fast_chain_of_facts(tmp_path, models_dir):
     assert any(e.get("event") == "malformed sessions recorded" for e in events)
 
     runs = {r["id"]: r for r in facts["runs"]}
+    # each run trained on exactly the traces that fired it (the gear's count leaves the eval split out)
+    assert all(r["window_sessions"] == r["n_traces"] > 0 for r in facts["runs"]), facts["runs"]
     assert [(r["gear"], r["trigger"], r["state"]) for r in facts["runs"]] == [
         ("fast", "batch", "succeeded"), ("fast", "batch", "succeeded"), ("quality", "manual", "succeeded")]
 

@@ -117,5 +117,5 @@ async def test_a_gear_firing_on_n_traces_trains_on_those_n(db_url: str, tmp_path
                       student=None, champion_version=None, output_dir=tmp_path, split_salt=split.key_salt)
     spec.traces.db_url = db_url
     build = build_dataset(spec)
-    assert build.n_window == len([e for e in build.train if e.source == "window"]) == plan.n_traces
+    assert build.window_sessions == build.n_window == plan.n_traces  # last_turn: one example per session
     assert build.eval  # the split's sessions are measured, never trained on

@@ -106,8 +106,9 @@ class DatasetBuild:
     train: list[Example]
     eval: list[Example]
     skipped: Counter = field(default_factory=Counter)  # window sessions by reason, + 'oversized' of eval/rehearsal
-    n_window: int = 0
-    n_rehearsal: int = 0
+    n_window: int = 0  # examples from the window
+    n_rehearsal: int = 0  # examples from the rehearsal sample
+    window_sessions: int = 0  # the window's sessions those come from (the traces the run was fired on)
 
     @property
     def eval_set_hash(self) -> str:
@@ -743,7 +744,7 @@ def _build(spec: RunSpec, dsn: str | None = None, *, with_train: bool = True) ->
     if aside["oversized"]:
         skipped["oversized"] += aside["oversized"]
     build = DatasetBuild(train=train, eval=eval_set, skipped=skipped,
-                         n_window=len(train) - len(rehearsal), n_rehearsal=len(rehearsal))
+                         n_window=len(train) - len(rehearsal), n_rehearsal=len(rehearsal), window_sessions=n_sessions)
     return build, reader.stats
 
 

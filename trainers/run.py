@@ -166,6 +166,7 @@ def _dataset(spec: RunSpec, tel: Telemetry):
     save_examples(build.train, data / "train.jsonl")
     save_examples(build.eval, data / "eval.jsonl")
     meta = {"n_train": len(build.train), "n_window": build.n_window, "n_rehearsal": build.n_rehearsal,
+            "window_sessions": build.window_sessions,
             "n_eval": len(build.eval), "eval_set_hash": build.eval_set_hash, "skipped": dict(build.skipped)}
     meta_path.write_text(json.dumps(meta, indent=2))
     tel.emit("dataset", source="database", **meta)
@@ -297,6 +298,7 @@ def _train(spec: RunSpec, warnings: list[str], plan, t_start: float, tel: Teleme
             tel.set_phase("dataset")
             train, evl, meta = ranks.on_main(lambda: _dataset(spec, tel))  # one database reader
             result.n_train, result.n_eval, result.skipped = len(train), len(evl), meta["skipped"]
+            result.window_sessions = meta.get("window_sessions", 0)  # a snapshot from before it was recorded: 0
             if not train:
                 raise ValueError(f"no training examples in window ({spec.traces.window_lo}, {spec.traces.window_hi}]; "
                                  f"skipped: {meta['skipped'] or 'none'}")

@@ -38,7 +38,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from atlasd import intake, promotions, queue
+from atlasd import evalsplit, intake, promotions, queue
 from atlasd.db.migrate import init_sdk_schema, migrate
 from atlasd.policies import Policy, PolicyFileError, load_policy_file
 from atlasd.settings import redact_url
@@ -186,7 +186,8 @@ def reset_database(url: str) -> None:
 @dataclass
 class Batch:
     approved: list[int] = field(default_factory=list)  # good + wrong + malformed
-    good: int = 0
+    good: int = 0  # right answers, those in the frozen eval split included
+    in_split: int = 0  # right answers whose task is in the policy's frozen eval split (measured, never trained on)
     wrong: int = 0
     malformed: int = 0
     rejected: int = 0
@@ -213,19 +214,44 @@ async def _write_session(conn, session: dict, *, metadata: Any, reward_stats: An
     return sid
 
 
-async def write_batch(url: str, mode: Mode, index: int, n_good: int) -> Batch:
-    """Write one batch of agent sessions, then review it: approve in chunks, quarantine a few."""
+async def _good_problems(conn, policy: Policy, index: int, n_trained: int) -> tuple[list, int]:
+    """The agents' right answers of batch ``index``: problems in their seeded order until
+    ``n_trained`` of them fall outside the policy's frozen eval split (so the fast gear's count,
+    which leaves the split out, reaches its threshold); and how many of them are in the split.
+    The split is the database's (atlasd.in_eval_split on the task as the intake records it)."""
+    from trainers.demo_models import generate_problems
+
+    salt, fraction = evalsplit.configured(policy)  # generation 1: the demo's database is new
+    pool = generate_problems(4 * n_trained + 40, seed=TRAFFIC_SEED + index)
+    rows = await conn.fetch("SELECT atlasd.in_eval_split($1, $2, atlasd.task_key(t), $3) FROM unnest($4::text[]) "
+                            "WITH ORDINALITY AS x(t, n) ORDER BY n", salt, policy.learning_key,
+                            intake.split_threshold(fraction), [p.task for p in pool])
+    chosen, outside = [], 0
+    for problem, (in_split,) in zip(pool, rows, strict=True):
+        if outside == n_trained:
+            break
+        chosen.append(problem)
+        outside += not in_split
+    if outside < n_trained:
+        raise DemoError(f"batch {index}: fewer than {n_trained} generated problems outside the eval split")
+    return chosen, len(chosen) - n_trained
+
+
+async def write_batch(url: str, mode: Mode, policy: Policy, index: int, n_trained: int) -> Batch:
+    """Write one batch of agent sessions, then review it: approve in chunks, quarantine a few.
+    ``n_trained`` right answers outside the frozen eval split, with those in it on the way."""
     import asyncpg
 
     from trainers.demo_models import generate_problems, sdk_session, solution_text
 
-    total = n_good + mode.wrong + mode.malformed + mode.rejected
-    problems = generate_problems(total, seed=TRAFFIC_SEED + index)
     batch = Batch()
     rejected: list[int] = []
     conn = await asyncpg.connect(url, server_settings={"application_name": "atlas-sdk-demo"})
     try:
-        for i, problem in enumerate(problems):
+        good, batch.in_split = await _good_problems(conn, policy, index, n_trained)
+        n_good = len(good)
+        others = generate_problems(mode.wrong + mode.malformed + mode.rejected, seed=TRAFFIC_SEED + 1000 + index)
+        for i, problem in enumerate(good + others):
             kind = ("good" if i < n_good else "wrong" if i < n_good + mode.wrong
                     else "malformed" if i < n_good + mode.wrong + mode.malformed else "rejected")
             s = sdk_session(problem, completion=_wrong(solution_text(problem), problem.answer) if kind == "wrong" else None)
@@ -513,16 +539,17 @@ def run_demo(state_dir: Path, *, models_dir: Path | None = None, fast: bool = Fa
                                  "learning_key": DEMO_LEARNING_KEY, "batches": [], "runs": []}
         expected = 0
         run_ids: list[int] = []
-        for index, n_good in enumerate((every + mode.extra_good, every), start=1):
+        for index, n_trained in enumerate((every + mode.extra_good, every), start=1):
             t = time.monotonic()
-            batch = asyncio.run(write_batch(url, mode, index, n_good))
+            batch = asyncio.run(write_batch(url, mode, policy, index, n_trained))
             expected += len(batch.approved)
-            say(f"agents: batch {index}: {n_good + batch.wrong + batch.malformed + batch.rejected} sessions written "
+            say(f"agents: batch {index}: {len(batch.approved) + batch.rejected} sessions written "
                 f"(asyncpg, SDK schema) in {time.monotonic() - t:.1f}s; reviewer approved {len(batch.approved)} "
-                f"({batch.good} right answers, {batch.wrong} wrong, {batch.malformed} malformed), "
-                f"quarantined {batch.rejected}")
+                f"({batch.good} right answers, {batch.in_split} of them in the frozen eval split, {batch.wrong} wrong, "
+                f"{batch.malformed} malformed), quarantined {batch.rejected}")
             facts["batches"].append({"index": index, "approved": len(batch.approved), "good": batch.good,
-                                     "wrong": batch.wrong, "malformed": batch.malformed, "rejected": batch.rejected})
+                                     "in_split": batch.in_split, "wrong": batch.wrong, "malformed": batch.malformed,
+                                     "rejected": batch.rejected})
             follow.recorded(expected, sum(b["malformed"] for b in facts["batches"]))
             run_id = follow.queued_run(run_ids[-1] if run_ids else 0, "fast")
             evidence = notify_evidence(list(daemon.events), run_id)
@@ -585,7 +612,8 @@ def _run_facts(url: str, run_id: int) -> dict:
     return {
         "id": run_id, "gear": run["gear"], "trigger": run["trigger"], "state": run["state"],
         "n_traces": run["n_traces"], "window": [run["window_lo"], run["window_hi"]],
-        "n_train": result.get("n_train"), "n_eval": result.get("n_eval"), "steps": result.get("steps"),
+        "n_train": result.get("n_train"), "window_sessions": result.get("window_sessions"),
+        "n_eval": result.get("n_eval"), "steps": result.get("steps"),
         "wall_time_s": (run["finished_at"] - run["started_at"]).total_seconds() if run["finished_at"] else None,
         "student": spec.get("student"), "base_student": spec.get("base_student"),
         "champion_version": run["champion_version"],
@@ -599,12 +627,13 @@ def _run_facts(url: str, run_id: int) -> dict:
 
 
 def print_summary(facts: dict, status_text: str, state_dir: Path, kept_url: str | None, pg) -> None:
-    rows = [("run", "gear", "trigger", "trained/new traces", "steps", "wall", "success before -> after", "avg tokens",
+    rows = [("run", "gear", "trigger", "trained on/new traces", "steps", "wall", "success before -> after", "avg tokens",
              "version", "promoted?")]
     for r in facts["runs"]:
         promo = r["promotion"] or {}
         verdict = ("yes" if promo.get("action") == "promote" else f"no: {promo.get('reason', 'no gate decision')}")
-        rows.append((str(r["id"]), r["gear"], r["trigger"], f"{r['n_train']}/{r['n_traces']}", str(r["steps"]),
+        rows.append((str(r["id"]), r["gear"], r["trigger"], f"{r['window_sessions']}/{r['n_traces']}",
+                     str(r["steps"]),
                      f"{r['wall_time_s']:.0f}s" if r["wall_time_s"] is not None else "-",
                      f"{_pct(r['success_before'])} -> {_pct(r['success_after'])}",
                      "-" if r["avg_tokens"] is None else f"{r['avg_tokens']:.1f}", f"v{r['model_version']}", verdict))
