@@ -13,9 +13,12 @@ when the daemon is built (:func:`atlasd.daemon.build_daemon`), never looked up b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from atlasd.health import Health
+from atlasd.settings import redact_url
 
 
 class Component:
@@ -36,3 +39,43 @@ class Component:
 
     async def stop(self) -> None:
         """On shutdown, in reverse start order."""
+
+
+class KickedLoop(Component):
+    """A component that does one round of its work at once when kicked (:meth:`kick`) and every
+    ``interval_s`` otherwise, only while the daemon holds its lock; a failed round (the database or
+    a child away) is logged and the next one retries. Stopping cancels a round in flight."""
+
+    failure_event = "round failed"  # the log event of a failed round
+
+    def __init__(self, interval_s: float, log) -> None:
+        self.interval_s, self.log = interval_s, log
+        self._task: asyncio.Task | None = None
+        self._kicked = asyncio.Event()
+
+    async def round(self, daemon: Any) -> None:
+        """One round of the work."""
+        raise NotImplementedError
+
+    async def start(self, daemon: Any) -> None:
+        self._task = asyncio.create_task(self._loop(daemon), name=self.name)
+
+    def kick(self) -> None:
+        """Something to do: a round now."""
+        self._kicked.set()
+
+    async def _loop(self, daemon: Any) -> None:
+        while not daemon.stopping.is_set():
+            await daemon.lock_held.wait()
+            self._kicked.clear()
+            try:
+                await self.round(daemon)
+            except Exception as exc:  # noqa: BLE001 - the database may be away; the next round retries
+                self.log.warning(self.failure_event, error=redact_url(str(exc)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kicked.wait(), self.interval_s)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

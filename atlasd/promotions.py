@@ -52,7 +52,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from atlasd import lineage, queue
-from atlasd.component import Component
+from atlasd.component import KickedLoop
 from atlasd.db import aconnect
 from atlasd.logging import get_logger
 from atlasd.runspec import EXIT_BAD_INPUT, EXIT_NEEDS_GPU, EXIT_OK, EXIT_UNAVAILABLE, MlflowTarget
@@ -496,42 +496,21 @@ async def retry_pending(settings: Settings, gpu_slot: asyncio.Lock | None = None
     return [await finalize_run(settings, *row, gpu_slot=gpu_slot) for row in rows]
 
 
-class RegistrationRetrier(Component):
+class RegistrationRetrier(KickedLoop):
     """Daemon component: registers finished runs, at once when the runner hands one over
     (:meth:`kick`) and every ``poll_interval_s`` (due retries, `atlasd register`), not while the
     daemon re-takes its lock. Stopping kills a registry child in flight; its row stays pending
     and a retry finds what it did (by run id)."""
 
     name = "registrations"
+    failure_event = "registration retry failed"
 
     def __init__(self, settings: Settings):
+        super().__init__(settings.poll_interval_s, get_logger("registry"))
         self.settings = settings
-        self._task: asyncio.Task | None = None
-        self._kicked = asyncio.Event()
 
-    async def start(self, daemon: Any) -> None:
-        self._task = asyncio.create_task(self._loop(daemon.stopping, daemon.lock_held, daemon.gpu_slot))
-
-    def kick(self) -> None:
-        """A registration row was queued: look now."""
-        self._kicked.set()
-
-    async def _loop(self, stopping: asyncio.Event, lock_held: asyncio.Event, gpu_slot: asyncio.Lock) -> None:
-        log = get_logger("registry")
-        while not stopping.is_set():
-            await lock_held.wait()
-            self._kicked.clear()
-            try:
-                await retry_pending(self.settings, gpu_slot)
-            except Exception as exc:  # noqa: BLE001 - the database may be away; next round retries
-                log.warning("registration retry failed", error=redact_url(str(exc)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kicked.wait(), self.settings.poll_interval_s)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def round(self, daemon: Any) -> None:
+        await retry_pending(self.settings, daemon.gpu_slot)
 
 
 # ---------------------------------------------------------------- taint (atlasd.lineage)
@@ -563,42 +542,25 @@ async def tag_taints(settings: Settings, policies: PolicySet | None) -> list[dic
     return done
 
 
-class TaintTagger(Component):
+class TaintTagger(KickedLoop):
     """Daemon component: tags the versions of runs that trained on a revoked session, at once when a
     reconcile revoked something (:meth:`on_revoked`) and every ``poll_interval_s`` (retries, a
     registration done since), not while the daemon re-takes its lock. Its own loop: a registration
     waiting for the GPU slot never holds a taint back. What is still to tag stays in atlasd.lineage."""
 
     name = "taints"
+    failure_event = "taint tagging failed"
 
     def __init__(self, settings: Settings, policies: PolicySet | None = None):
+        super().__init__(settings.poll_interval_s, get_logger("lineage"))
         self.settings = settings
         self.policies = policies
-        self._task: asyncio.Task | None = None
-        self._kicked = asyncio.Event()
-
-    async def start(self, daemon: Any) -> None:
-        self._task = asyncio.create_task(self._loop(daemon.stopping, daemon.lock_held))
 
     async def on_revoked(self, revoked: int) -> None:
-        self._kicked.set()
+        self.kick()
 
-    async def _loop(self, stopping: asyncio.Event, lock_held: asyncio.Event) -> None:
-        log = get_logger("lineage")
-        while not stopping.is_set():
-            await lock_held.wait()
-            self._kicked.clear()
-            try:
-                await tag_taints(self.settings, self.policies)
-            except Exception as exc:  # noqa: BLE001 - the database may be away; next round retries
-                log.warning("taint tagging failed", error=redact_url(str(exc)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kicked.wait(), self.settings.poll_interval_s)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def round(self, daemon: Any) -> None:
+        await tag_taints(self.settings, self.policies)
 
 
 # ---------------------------------------------------------------- purge

@@ -164,3 +164,23 @@ def test_validate_names_poison_files_without_a_traceback(env: Path, capsys) -> N
     assert f"error: {env / 'bomb.yaml'}: the YAML expands to over 10000 values" in out.err
     assert f"error: {env / 'forever.yaml'}:1: catchup_window: a duration is at most 3650 days" in out.err
     assert "1 valid, 3 invalid" in out.err and f"ok: {env / 'p.yaml'}" in out.out
+
+
+def test_reset_eval_starts_a_new_generation_and_unblocks_a_changed_split(env: Path, db_url: str, capsys) -> None:
+    record(db_url, 3)
+    assert main(["plan"]) == 0  # plan records nothing
+    assert sql(db_url, "SELECT count(*) FROM atlasd.eval_splits") == [(0,)]
+    assert main(["trigger", "p", "--gear", "fast"]) == 0  # the first use records generation 1
+    sql(db_url, """INSERT INTO atlasd.promotions (policy, registered_model, to_version, action, actor)
+                   VALUES ('p', 'p', '1', 'promote', 'atlasd')""")
+    changed = {**GOOD, "gears": {g: {**spec, "eval": {"eval_fraction": 0.3}} for g, spec in GOOD["gears"].items()}}
+    (env / "p.yaml").write_text(yaml.safe_dump(changed))
+    capsys.readouterr()
+    assert main(["plan"]) == 0
+    assert "waits: policy 'p': the eval split changed" in capsys.readouterr().out
+    assert main(["policies", "reset-eval", "p"]) == 0
+    assert "policy p: eval generation 2 (eval_fraction 0.3, split salt 'p#g2')" in capsys.readouterr().out
+    assert main(["plan"]) == 0
+    assert "waits:" not in capsys.readouterr().out
+    assert main(["policies", "reset-eval", "ghost"]) == 1
+    assert "no valid policy 'ghost'" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from atlasd.commands import cli_settings
 from atlasd.db import aconnect, connect
 from atlasd.db.migrate import check_schema
 from atlasd.lock import live_daemon
-from atlasd.policies import PolicySet, expand_paths, load_files
+from atlasd.policies import Policy, PolicySet, expand_paths, load_files
 from atlasd.promotions import actor_name
 from atlasd.settings import Settings
 
@@ -75,6 +75,16 @@ def with_db(settings: Settings, work: Callable[[psycopg.AsyncConnection], Awaita
             return await work(conn)
 
     return asyncio.run(main())
+
+
+def policy_named(settings: Settings, name: str) -> Policy:
+    """The valid policy ``name`` of the policies folder, else a CommandError listing the valid ones."""
+    policies = load_policies(settings)
+    policy = policies.get(name)
+    if policy is None:
+        known = ", ".join(policies.policies) or "none"
+        raise CommandError(f"no valid policy {name!r} in {settings.policies_dir} (valid policies: {known})")
+    return policy
 
 
 def load_policies(settings: Settings) -> PolicySet:
@@ -152,11 +162,7 @@ def render_plan(p: cadence.GearPlan) -> str:
 
 def cmd_trigger(args: argparse.Namespace) -> int:
     settings = cli_settings()
-    policies = load_policies(settings)
-    policy = policies.get(args.policy)
-    if policy is None:
-        known = ", ".join(policies.policies) or "none"
-        raise CommandError(f"no valid policy {args.policy!r} in {settings.policies_dir} (valid policies: {known})")
+    policy = policy_named(settings, args.policy)
     if args.gear not in policy.gears:
         raise CommandError(f"policy {policy.name!r} has no gear {args.gear!r} (gears: {', '.join(policy.gears)})")
     plan = with_db(settings, lambda conn: cadence.trigger_manual(conn, policy, args.gear, settings, cadence.utc_now(),
@@ -178,11 +184,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 def cmd_reset_eval(args: argparse.Namespace) -> int:
     settings = cli_settings()
-    policies = load_policies(settings)
-    policy = policies.get(args.policy)
-    if policy is None:
-        known = ", ".join(policies.policies) or "none"
-        raise CommandError(f"no valid policy {args.policy!r} in {settings.policies_dir} (valid policies: {known})")
+    policy = policy_named(settings, args.policy)
     split = with_db(settings, lambda conn: evalsplit.reset(conn, policy, actor_name()))
     print(f"policy {policy.name}: eval generation {split.generation} (eval_fraction {split.eval_fraction:g}, "
           f"split salt {split.key_salt!r}); the next run evaluates on the new split and its registration "
