@@ -13,6 +13,7 @@ import yaml
 from atlasd.cli import main
 from atlasd.testing.daemon import DaemonProcess, wait_until
 from tests.test_policies import write_malformed_cases
+from tests.cadence_support import NO_SPLIT
 
 
 def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
@@ -42,7 +43,7 @@ def write(folder: Path, name: str, data: dict | str) -> None:
 
 
 def policy(every: int) -> dict:
-    return {"teacher": "t", "student": "s", "gears": {"fast": {"trigger": {"batch": {"every": every}}}}}
+    return {"teacher": "t", "student": "s", "gears": {"fast": {"trigger": {"batch": {"every": every}}, "eval": NO_SPLIT}}}
 
 
 def test_daemon_queues_runs_and_reloads_on_sighup(db_url: str, tmp_path: Path, monkeypatch) -> None:

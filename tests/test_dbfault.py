@@ -35,6 +35,7 @@ from atlasd.testing import pg
 from atlasd.testing.daemon import DaemonProcess, wait_until
 from atlasd.testing.sdk import sdk_write_sessions
 from tests.test_service import NotifySocket, PgProxy, cli_status, scrape_fresh
+from tests.cadence_support import NO_SPLIT
 
 ATLASD_APPS = "application_name LIKE 'atlasd%'"  # every connection of the daemon (and of its CLI)
 # reconnect and retry backoff capped at 1 s; a heartbeat (and lock check) every second
@@ -155,7 +156,7 @@ def test_every_connection_terminated_mid_burst_and_mid_run_loses_nothing(db_url:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "p.yaml").write_text(yaml.safe_dump({
         "teacher": "t", "student": "s", "retry": {"max_retries": 0},
-        "gears": {"fast": {"trigger": {"batch": {"every": 20000}}}}}))
+        "gears": {"fast": {"trigger": {"batch": {"every": 20000}}, "eval": NO_SPLIT}}}))
     kills: list[list[str]] = []
     killed_at: list[float] = []
 

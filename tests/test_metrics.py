@@ -29,6 +29,7 @@ from atlasd.settings import Settings, load_settings
 from atlasd.status import collect_status
 from atlasd.testing import pg
 from atlasd.testing.daemon import ROOT, wait_until
+from tests.cadence_support import NO_SPLIT
 
 APP = "atlasd-metrics"
 Samples = dict[tuple[str, frozenset], float]
@@ -128,8 +129,8 @@ def test_the_exposition_has_every_documented_series_with_its_type_labels_and_the
     settings = make_settings(db_url, tmp_path)
     (tmp_path / "policies" / "p.yaml").write_text(yaml.safe_dump({
         "teacher": "t", "student": "s",
-        "gears": {"fast": {"trigger": {"batch": {"every": 1000}}},
-                  "hq": {"trigger": {"cron": {"expr": "0 3 * * sun"}}}},
+        "gears": {"fast": {"trigger": {"batch": {"every": 1000}}, "eval": NO_SPLIT},
+                  "hq": {"trigger": {"cron": {"expr": "0 3 * * sun"}}, "eval": NO_SPLIT}},
     }))
     (tmp_path / "state" / "gc.json").write_text(json.dumps(
         {"at": "2026-11-30T00:00:00+00:00", "freed_bytes": 0, "removals": [],

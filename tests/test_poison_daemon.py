@@ -16,8 +16,9 @@ from atlasd.cli import main
 from atlasd.testing.daemon import DaemonProcess, wait_until
 from tests.test_intake import TOO_SMALL
 from tests.test_policies import billion_laughs
+from tests.cadence_support import NO_SPLIT
 
-GOOD = {"teacher": "t", "student": "s", "gears": {"fast": {"trigger": {"batch": {"every": 1000}}}}}
+GOOD = {"teacher": "t", "student": "s", "gears": {"fast": {"trigger": {"batch": {"every": 1000}}, "eval": NO_SPLIT}}}
 POISON_FILES = {
     "nul.yaml": b"teacher: t\nstudent: s\x00\ngears: {}\n",
     "bomb.yaml": billion_laughs().encode(),

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from atlasd.settings import SettingsError, load_settings
 from atlasd.testing.daemon import ROOT, DaemonProcess, wait_until
+from tests.cadence_support import NO_SPLIT
 
 
 def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
@@ -170,8 +171,8 @@ def policy_file(folder: Path, every: int = 1000) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "p.yaml").write_text(yaml.safe_dump({
         "teacher": "t", "student": "s",
-        "gears": {"fast": {"trigger": {"batch": {"every": every}}},
-                  "hq": {"trigger": {"cron": {"expr": "0 3 * * sun"}}}},
+        "gears": {"fast": {"trigger": {"batch": {"every": every}}, "eval": NO_SPLIT},
+                  "hq": {"trigger": {"cron": {"expr": "0 3 * * sun"}}, "eval": NO_SPLIT}},
     }))
 
 

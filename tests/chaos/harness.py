@@ -30,6 +30,7 @@ from psycopg.rows import dict_row
 from atlasd.testing import pg
 from atlasd.testing.daemon import DaemonProcess, wait_until
 from atlasd.testing.sdk import sdk_write_sessions
+from tests.cadence_support import NO_SPLIT
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDINS = Path(__file__).resolve().parent / "standins"
@@ -181,10 +182,10 @@ class Chaos:
         gears: dict[str, Any] = {}
         if every is not None:
             gears["fast"] = {"trigger": {"batch": {"every": every}}, "filters": {"min_reward": min_reward},
-                             "wall_clock_limit": "10m"}
+                             "eval": NO_SPLIT, "wall_clock_limit": "10m"}
         if cron is not None:
             gears["hq"] = {"trigger": {"cron": {"expr": cron}}, "filters": {"min_reward": min_reward},
-                           "wall_clock_limit": "10m"}
+                           "eval": NO_SPLIT, "wall_clock_limit": "10m"}
         doc = {"name": name, "teacher": "stand-in-teacher", "student": "stand-in-student",
                "targets": {"baseline_success": 0.0, "min_success_delta": 0.0},
                "retry": {"max_retries": max_retries}, "resume_interrupted": True, "gears": gears, **extra}
