@@ -263,17 +263,21 @@ async def test_outcome_and_registration_row_are_written_in_one_transaction(db_ur
     run_id = await enqueue(db_url)
     seen: list[tuple[str, bool]] = []
 
+    async def look() -> None:
+        seen.extend((r["state"], r["registered"]) for r in await sql(db_url, """
+            SELECT state, EXISTS (SELECT 1 FROM atlasd.registrations g WHERE g.run_id = r.id) AS registered
+              FROM atlasd.runs r"""))
+
     async def watch() -> None:
         while True:
-            seen.extend((r["state"], r["registered"]) for r in await sql(db_url, """
-                SELECT state, EXISTS (SELECT 1 FROM atlasd.registrations g WHERE g.run_id = r.id) AS registered
-                  FROM atlasd.runs r"""))
+            await look()
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(watch())
     async with Harness(db_url, tmp_path, monkeypatch) as h:
         done = await wait_state(db_url, run_id, {"succeeded", "failed"})
     watcher.cancel()
+    await look()  # the watcher may have been cancelled before its first look at the outcome
     assert done["state"] == "succeeded", done["error"]
     assert ("succeeded", False) not in seen and ("succeeded", True) in seen
     reg = (await registrations(db_url))[run_id]
