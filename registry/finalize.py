@@ -92,7 +92,7 @@ def champion_report(reg: Registry, champion: ModelVersion | None, spec: RunSpec,
         return result.eval_start, "eval_start"
     stored = reg.stored_report(champion, eval_hash)
     if stored is not None and comparable(stored, result.eval):
-        return stored, "tags"
+        return reg.with_logged_samples(champion, stored, spec.output_dir / "eval" / "champion_logged"), "tags"
     report = measure(reg.local_path(champion, cache_dir))
     if not comparable(report, result.eval):
         raise MeasureError(f"re-measured champion on eval set {report.eval_set_hash} (probe set "

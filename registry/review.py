@@ -8,7 +8,8 @@ after the gate decides and before the decision is tagged (a retry writes it agai
 - the MLflow run's ``eval/samples.json`` and ``probe/samples.json`` written again with the
   champion's answer beside the challenger's (registry.tracking.log_side_by_side), when the
   champion's samples are at hand: measured for this run (its start evaluation, or a re-measure in
-  its folder), not when its metrics come from its version's tags.
+  its folder), or, when its metrics come from its version's tags, the samples its own MLflow run
+  logged on the same eval set (Registry.with_logged_samples).
 """
 
 from __future__ import annotations

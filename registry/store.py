@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,6 +183,26 @@ class Registry:
     def stored_report(mv: ModelVersion, eval_set_hash: str) -> EvalReport | None:
         raw = mv.tags.get(EVAL_TAG_PREFIX + eval_set_hash)
         return EvalReport.model_validate_json(raw) if raw else None
+
+    def with_logged_samples(self, mv: ModelVersion, report: EvalReport, dest: Path) -> EvalReport:
+        """``report`` (the version's stored report) with the samples its own MLflow run logged, copied
+        under ``dest``, when that run measured this eval set (its own final evaluation: the tag
+        ``atlasd.eval_set_hash``); the probe samples with them. Else, or when they cannot be read
+        (the review then lacks the champion's answers, the gate does not need them), as it is."""
+        if not mv.run_id or mv.tags.get("atlasd.eval_set_hash") != report.eval_set_hash:
+            return report
+        found: dict[str, str] = {}
+        try:
+            for label in ("eval", "probe") if report.probe is not None else ("eval",):
+                jsonl = [a.path for a in self.client.list_artifacts(mv.run_id, label) if a.path.endswith(".jsonl")]
+                if len(jsonl) == 1:
+                    found[label] = self.client.download_artifacts(mv.run_id, jsonl[0], str(dest))
+        except (MlflowException, OSError) as exc:
+            print(f"champion v{mv.version}'s logged samples not read (no side-by-side answers): {exc}",
+                  file=sys.stderr)
+            return report
+        probe = report.probe and report.probe.model_copy(update={"samples_path": found.get("probe")})
+        return report.model_copy(update={"samples_path": found.get("eval"), "probe": probe})
 
     def describe(self, mv: ModelVersion) -> dict:
         return {

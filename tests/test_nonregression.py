@@ -214,6 +214,16 @@ def test_finalize_refuses_a_slice_regression_then_promotes_within_tolerance(tmp_
     assert out3["decision"] == "promote" and out3["champion"] == "3", out3["reason"]
     assert "| no_regression:code | 0.89 | 0.88 | yes |" in Registry(tracking_uri).version("atlasd-p1", "3").description
 
+    # a run that did not start from the champion: its numbers come from v3's tags, its answers from
+    # the samples v3's own MLflow run logged on this eval set
+    out4 = run(4, sliced(0.95, 0.9), None, None)
+    assert out4["champion_metrics_from"] == "tags" and out4["decision"] == "promote", out4["reason"]
+    table = json.loads(Path(client.download_artifacts(out4["mlflow_run_id"], "eval/samples.json",
+                                                      str(tmp_path / "dl4"))).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [(r["generation"], r["champion_generation"]) for r in rows] == [(f"final4-a{i}", f"final3-a{i}")
+                                                                           for i in range(4)]
+
 
 def test_trainer_run_measures_slices_and_probe_then_finalize_reports_them(db_url, tiny_models, tmp_path, store_dir,
                                                                           tracking_uri) -> None:
