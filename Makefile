@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test chaos demo bench bench-intake bench-trainer clean
+.PHONY: install test chaos demo bench bench-intake bench-trainer bench-learning clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,7 +30,11 @@ bench-intake: install
 bench-trainer: install
 	$(PY) -m bench.trainer
 
-bench: bench-intake bench-trainer
+# two tasks one after the other: forgetting, rehearsal and the non-regression gate (needs the Postgres of `make test`)
+bench-learning: install
+	$(PY) -m bench.learning
+
+bench: bench-intake bench-trainer bench-learning
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -370,6 +370,11 @@ def recorded_counts(conn: psycopg.Connection) -> tuple[int, int, dict[str, int]]
     return sum(n for _, n in rows), sum(reasons.values()), dict(sorted(reasons.items()))
 
 
+async def newest_seq(conn: psycopg.AsyncConnection) -> int:
+    """The newest intake seq (0 when nothing is recorded): the upper end of a window over all so far."""
+    return (await (await conn.execute("SELECT COALESCE(max(seq), 0) FROM atlasd.intake")).fetchone())[0]
+
+
 def is_recorded(conn: psycopg.Connection, session_id: int) -> bool:
     return conn.execute("SELECT EXISTS (SELECT 1 FROM atlasd.intake WHERE session_id = %s)",
                         [session_id]).fetchone()[0]

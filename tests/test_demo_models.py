@@ -34,10 +34,23 @@ def test_generator_is_deterministic_and_correct():
             running += n
             assert 0 <= running <= 20 and 1 <= abs(n) <= 9
         assert running == p.answer
-        solution = dm.solution_text(p)
+        solution = p.solution()
         assert solution.endswith(f"Final Answer: {p.answer}")
         assert judge(solution, str(p.answer))
         assert str(p.start) in p.task and p.name in p.task and p.task.endswith("have now?")
+
+
+def test_comparisons_are_deterministic_and_correct():
+    a = dm.generate_comparisons(100, seed=7)
+    assert a == dm.generate_comparisons(100, seed=7) and a != dm.generate_comparisons(100, seed=8)
+    judge = NumericAnswerJudge()
+    for c in a:
+        assert 0 <= c.b < c.a <= 20 and c.name != c.other and c.answer == c.a - c.b
+        assert c.task.startswith(f"{c.name} has {c.a} {c.item} and {c.other} has {c.b}")
+        assert judge(c.solution(), str(c.answer)) and c.solution() == f"{c.a}-{c.b}={c.answer}. Final Answer: {c.answer}"
+    s = dm.sdk_session(a[0], learning_key="comparison")
+    assert s["metadata"]["learning_key"] == "comparison" and s["final_answer"] == str(a[0].answer)
+    assert [st["description"] for st in s["plan"]["steps"]] == [f"Start with {a[0].a}.", f"Subtract {a[0].b}."]
 
 
 def test_session_content_is_sdk_shaped():
@@ -58,7 +71,7 @@ def test_session_content_is_sdk_shaped():
         assert {"prompt_tokens", "completion_tokens", "total_tokens"} <= set(payload["usage_info"])
         actors.append(payload["metadata"]["actor"])
     assert actors == ["student", "teacher"]
-    assert s["events"][-1]["payload"]["data"]["output"] == dm.solution_text(p)
+    assert s["events"][-1]["payload"]["data"]["output"] == p.solution()
     json.dumps(s)  # JSONB-ready
 
     # the trainer's own loader turns it into the prompt/completion the models are trained on
@@ -67,7 +80,7 @@ def test_session_content_is_sdk_shaped():
     ex = to_example(row, "window")
     assert ex.prompt == dm.session_messages(p)[:-1]
     assert ex.prompt[0]["content"].startswith(f"Task: {p.task}\nPlan:\n1. Start with {p.start}.")
-    assert ex.completion == dm.solution_text(p) and ex.reference == str(p.answer)
+    assert ex.completion == p.solution() and ex.reference == str(p.answer)
 
     wrong = dm.sdk_session(p, completion=f"Final Answer: {p.answer + 1}")
     assert wrong["reward_stats"]["score"] == 0.0 and wrong["final_answer"] == str(p.answer + 1)

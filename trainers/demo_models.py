@@ -60,6 +60,57 @@ class Problem:
         return (f"{self.name} has {self.start} {self.item}, {actions}. "
                 f"How many {self.item} does {self.name} have now?")
 
+    def plan(self) -> dict:
+        """The plan an SDK session stores in ``plans.plan``: one step per operation."""
+        steps = [{"id": 1, "description": f"Start with {self.start}.", "depends_on": []}]
+        for n, _ in self.ops:
+            steps.append({"id": len(steps) + 1, "description": f"{'Add' if n > 0 else 'Subtract'} {abs(n)}.",
+                          "depends_on": [len(steps)]})
+        return {"steps": steps}
+
+    def solution(self) -> str:
+        """A teacher-quality completion: one line per operation, ending in ``Final Answer: <n>``."""
+        total, lines = self.start, []
+        for n, _ in self.ops:
+            new = total + n
+            lines.append(f"{total}{'+' if n > 0 else '-'}{abs(n)}={new}")
+            total = new
+        return ". ".join(lines) + f". Final Answer: {total}"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A second task for the continual-learning benchmark (bench/learning.py): how many more items
+    one person has than another. Its prompts open like a :class:`Problem`'s ("Sam has 12 apples")
+    and its solution is one subtraction, so learning it alone pulls a model away from the
+    multi-step problems."""
+
+    id: str
+    name: str
+    other: str
+    item: str
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a - self.b
+
+    @property
+    def task(self) -> str:
+        return (f"{self.name} has {self.a} {self.item} and {self.other} has {self.b} {self.item}. "
+                f"How many more {self.item} does {self.name} have than {self.other}?")
+
+    def plan(self) -> dict:
+        return {"steps": [{"id": 1, "description": f"Start with {self.a}.", "depends_on": []},
+                          {"id": 2, "description": f"Subtract {self.b}.", "depends_on": [1]}]}
+
+    def solution(self) -> str:
+        return f"{self.a}-{self.b}={self.answer}. Final Answer: {self.answer}"
+
+
+Task = Problem | Comparison  # what a session, an example and a build are made of
+
 
 def generate_problems(n: int, seed: int, *, max_total: int = 20, max_amount: int = 9, min_ops: int = 2,
                       max_ops: int = 3) -> list[Problem]:
@@ -81,26 +132,19 @@ def generate_problems(n: int, seed: int, *, max_total: int = 20, max_amount: int
     return problems
 
 
-def plan_for(problem: Problem) -> dict:
-    """The plan an SDK session stores in ``plans.plan``: one step per operation."""
-    steps = [{"id": 1, "description": f"Start with {problem.start}.", "depends_on": []}]
-    for n, _ in problem.ops:
-        steps.append({"id": len(steps) + 1, "description": f"{'Add' if n > 0 else 'Subtract'} {abs(n)}.",
-                      "depends_on": [len(steps)]})
-    return {"steps": steps}
+def generate_comparisons(n: int, seed: int, *, max_total: int = 20) -> list[Comparison]:
+    """``n`` comparisons, the same for the same arguments: ``a`` in [1, max_total], ``b`` in [0, a)."""
+    rng = random.Random(f"demo-comparisons:{seed}")
+    out = []
+    for i in range(n):
+        name, other = rng.sample(_NAMES, 2)
+        a = rng.randint(1, max_total)
+        out.append(Comparison(id=f"c{seed}-{i}", name=name, other=other, item=rng.choice(_ITEMS), a=a,
+                              b=rng.randint(0, a - 1)))
+    return out
 
 
-def solution_text(problem: Problem) -> str:
-    """A teacher-quality completion: one line per operation, ending in ``Final Answer: <n>``."""
-    total, lines = problem.start, []
-    for n, _ in problem.ops:
-        new = total + n
-        lines.append(f"{total}{'+' if n > 0 else '-'}{abs(n)}={new}")
-        total = new
-    return ". ".join(lines) + f". Final Answer: {total}"
-
-
-def session_messages(problem: Problem, completion: str | None = None) -> list[dict]:
+def session_messages(problem: Task, completion: str | None = None) -> list[dict]:
     """The conversation the trainer derives from the session (``trainers.dataset.conversation``):
     the system message with task and plan, the student event as user, the teacher event as
     assistant. The models are trained on exactly this; the prompt is all but the last message."""
@@ -128,13 +172,13 @@ def _llm_end_event(actor: str, name: str, inp: str, out: str, ts: datetime, pare
     }
 
 
-def sdk_session(problem: Problem, *, completion: str | None = None, learning_key: str = DEMO_LEARNING_KEY,
+def sdk_session(problem: Task, *, completion: str | None = None, learning_key: str = DEMO_LEARNING_KEY,
                 start: datetime | None = None) -> dict:
     """What an Atlas SDK session holds for ``problem`` (column names of the SDK schema):
     ``task``, ``plan``, ``events`` (trajectory_events.event), ``final_answer``, ``reward_stats``,
     ``reward``, ``metadata`` (with ``learning_key``). ``completion`` is the teacher turn (default:
     the correct solution); the reward is 1.0 when its answer is right, else 0.0."""
-    completion = solution_text(problem) if completion is None else completion
+    completion = problem.solution() if completion is None else completion
     from trainers.judge import extract_number
 
     answer = extract_number(completion)
@@ -148,7 +192,7 @@ def sdk_session(problem: Problem, *, completion: str | None = None, learning_key
     final = "" if answer is None else (str(int(answer)) if answer == int(answer) else str(answer))
     return {
         "task": problem.task,
-        "plan": plan_for(problem),
+        "plan": problem.plan(),
         "events": events,
         "final_answer": final,
         "reward": {"score": score, "rationale": "numeric answer check", "judges": [], "raw": {}},
@@ -187,6 +231,7 @@ class BuildConfig:
     vocab_size: int = 400
     train_problems: int = 6_000
     eval_problems: int = 200
+    comparisons: int = 0  # Comparisons mixed into the teacher's training set only (bench/learning.py's task B)
     seed: int = 0
     version: int = 1  # bump when the task or training code changes what gets built
 
@@ -222,13 +267,18 @@ def build_demo_models(cache_dir: str | Path, *, fast: bool = False, config: Buil
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    train = generate_problems(cfg.train_problems, seed=TRAIN_SEED + cfg.seed)
+    problems = generate_problems(cfg.train_problems, seed=TRAIN_SEED + cfg.seed)
+    comparisons = generate_comparisons(cfg.comparisons, seed=TRAIN_SEED + cfg.seed)
     held_out = generate_problems(cfg.eval_problems, seed=HELD_OUT_SEED + cfg.seed)
-    corpus = ["\n".join(m["content"] for m in session_messages(p)) for p in train[:2000]]
+    held_out_comparisons = generate_comparisons(cfg.eval_problems if cfg.comparisons else 0,
+                                                seed=HELD_OUT_SEED + cfg.seed)
+    corpus = ["\n".join(m["content"] for m in session_messages(p)) for p in problems[:2000] + comparisons[:500]]
     tok = tiny.build_tokenizer(corpus, tmp / "tokenizer", vocab_size=cfg.vocab_size, individual_digits=True)
     info: dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
-    for role, spec, steps, lr, out in (("teacher", cfg.teacher, cfg.teacher_steps, cfg.teacher_lr, "teacher"),
-                                       ("student", cfg.student, cfg.student_steps, cfg.student_lr, "student")):
+    for role, spec, steps, lr, train in (("teacher", cfg.teacher, cfg.teacher_steps, cfg.teacher_lr,
+                                          [*problems, *comparisons]),
+                                         ("student", cfg.student, cfg.student_steps, cfg.student_lr, problems)):
+        out = role
         t1 = time.perf_counter()
         model = tiny.build_model(tok, tmp / out, hidden_size=spec.hidden_size, layers=spec.layers, heads=spec.heads,
                                  kv_heads=spec.kv_heads, intermediate_size=spec.intermediate_size,
@@ -246,6 +296,9 @@ def build_demo_models(cache_dir: str | Path, *, fast: bool = False, config: Buil
         log(f"{role}: {acc:.1%} of {len(held_out)} held-out problems right")
         info[role] = {"params": sum(p.numel() for p in model.parameters()), "final_loss": losses[-1],
                       "held_out_accuracy": acc, "seconds": round(time.perf_counter() - t1, 1)}
+        if held_out_comparisons:
+            acc = info[role]["held_out_comparison_accuracy"] = answer_accuracy(model, tok, held_out_comparisons)
+            log(f"{role}: {acc:.1%} of {len(held_out_comparisons)} held-out comparisons right")
     shutil.rmtree(tmp / "tokenizer")
     info["seconds"] = round(time.perf_counter() - t0, 1)
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))
@@ -259,7 +312,7 @@ def build_info(model_path: str | Path) -> dict:
     return json.loads((Path(model_path).parent / BUILD_INFO).read_text())
 
 
-def _encode(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+def _encode(tokenizer, problem: Task) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids ending in EOS), tokenised as the trainer does."""
     from trainers.dataset import encode_completion, encode_prompt
 
@@ -267,7 +320,7 @@ def _encode(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     return encode_prompt(tokenizer, messages[:-1], 1 << 16)[0], encode_completion(tokenizer, messages[-1]["content"], 1 << 16)
 
 
-def supervised_finetune(model, tokenizer, problems: list[Problem], *, steps: int, batch_size: int, lr: float,
+def supervised_finetune(model, tokenizer, problems: list[Task], *, steps: int, batch_size: int, lr: float,
                         seed: int = 0, callback=None) -> list[float]:
     """Plain SFT on the completions (prompt tokens masked), AdamW with warm-up and cosine decay.
     ``callback(step, loss)`` runs after each step (1-based) and may return True to stop early.
@@ -309,7 +362,7 @@ def supervised_finetune(model, tokenizer, problems: list[Problem], *, steps: int
     return losses
 
 
-def answer_accuracy(model, tokenizer, problems: list[Problem], *, max_new_tokens: int = 48,
+def answer_accuracy(model, tokenizer, problems: list[Task], *, max_new_tokens: int = 48,
                     batch_size: int = 100) -> float:
     """Share of ``problems`` whose greedy completion the ``numeric`` judge accepts."""
     import torch

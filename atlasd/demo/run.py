@@ -43,6 +43,7 @@ from atlasd.db.migrate import init_sdk_schema, migrate
 from atlasd.policies import Policy, PolicyFileError, load_policy_file
 from atlasd.settings import redact_url
 from atlasd.testing.daemon import DaemonProcess
+from atlasd.testing.sdk import write_session
 
 POLICY_NAME = "demo"
 POLICY_TEMPLATE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "demo.yaml"
@@ -197,23 +198,6 @@ def _wrong(solution: str, answer: int) -> str:
     return solution.rsplit("Final Answer:", 1)[0] + f"Final Answer: {answer + 1}"
 
 
-async def _write_session(conn, session: dict, *, metadata: Any, reward_stats: Any) -> int:
-    """One session the way the SDK stores it: each write its own autocommit statement."""
-    sid = await conn.fetchval(
-        "INSERT INTO sessions (task, status, metadata) VALUES ($1, 'running', $2::jsonb) RETURNING id",
-        session["task"], json.dumps(metadata))
-    await conn.execute("INSERT INTO plans (session_id, plan) VALUES ($1, $2::jsonb)", sid, json.dumps(session["plan"]))
-    for event in session["events"]:
-        await conn.execute("INSERT INTO trajectory_events (session_id, event) VALUES ($1, $2::jsonb)",
-                           sid, json.dumps(event))
-    await conn.execute(
-        "UPDATE sessions SET status = 'succeeded', final_answer = $2, reward = $3::jsonb, reward_stats = $4::jsonb, "
-        "completed_at = now() WHERE id = $1",
-        sid, session["final_answer"], json.dumps(session["reward"]),
-        None if reward_stats is None else json.dumps(reward_stats))
-    return sid
-
-
 async def _good_problems(conn, policy: Policy, index: int, n_trained: int) -> tuple[list, int]:
     """The agents' right answers of batch ``index``: problems in their seeded order until
     ``n_trained`` of them fall outside the policy's frozen eval split (so the fast gear's count,
@@ -242,7 +226,7 @@ async def write_batch(url: str, mode: Mode, policy: Policy, index: int, n_traine
     ``n_trained`` right answers outside the frozen eval split, with those in it on the way."""
     import asyncpg
 
-    from trainers.demo_models import generate_problems, sdk_session, solution_text
+    from trainers.demo_models import generate_problems, sdk_session
 
     batch = Batch()
     rejected: list[int] = []
@@ -254,14 +238,14 @@ async def write_batch(url: str, mode: Mode, policy: Policy, index: int, n_traine
         for i, problem in enumerate(good + others):
             kind = ("good" if i < n_good else "wrong" if i < n_good + mode.wrong
                     else "malformed" if i < n_good + mode.wrong + mode.malformed else "rejected")
-            s = sdk_session(problem, completion=_wrong(solution_text(problem), problem.answer) if kind == "wrong" else None)
+            s = sdk_session(problem, completion=_wrong(problem.solution(), problem.answer) if kind == "wrong" else None)
             metadata, reward_stats = s["metadata"], s["reward_stats"]
             if kind == "malformed":  # alternate the two defects a buggy agent config produces
                 if i % 2:
                     reward_stats = None
                 else:
                     metadata = [metadata]
-            sid = await _write_session(conn, s, metadata=metadata, reward_stats=reward_stats)
+            sid = await write_session(conn, s, metadata=metadata, reward_stats=reward_stats)
             if kind == "rejected":
                 rejected.append(sid)
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import asyncpg
 
@@ -77,3 +78,21 @@ async def sdk_write_sessions(
 
     await asyncio.gather(*(writer(w) for w in range(writers)))
     return {"written": len(ids), "distinct": len(set(ids)), "overtaken": overtaken}
+
+
+async def write_session(conn: asyncpg.Connection, session: dict, *, metadata: Any, reward_stats: Any) -> int:
+    """One session (``trainers.demo_models.sdk_session``'s content) the way the SDK stores it: each
+    write its own autocommit statement; succeeded, not yet reviewed. Returns its id."""
+    sid = await conn.fetchval(
+        "INSERT INTO sessions (task, status, metadata) VALUES ($1, 'running', $2::jsonb) RETURNING id",
+        session["task"], json.dumps(metadata))
+    await conn.execute("INSERT INTO plans (session_id, plan) VALUES ($1, $2::jsonb)", sid, json.dumps(session["plan"]))
+    for event in session["events"]:
+        await conn.execute("INSERT INTO trajectory_events (session_id, event) VALUES ($1, $2::jsonb)",
+                           sid, json.dumps(event))
+    await conn.execute(
+        "UPDATE sessions SET status = 'succeeded', final_answer = $2, reward = $3::jsonb, reward_stats = $4::jsonb, "
+        "completed_at = now() WHERE id = $1",
+        sid, session["final_answer"], json.dumps(session["reward"]),
+        None if reward_stats is None else json.dumps(reward_stats))
+    return sid
