@@ -397,18 +397,18 @@ class Daemon:
         if result.malformed:
             self.log.warning("malformed sessions recorded", reasons=result.reasons, example_session_ids=result.examples)
         if result.recorded:
-            for component in self._started:
-                try:
-                    await component.on_intake(result.recorded)
-                except Exception:
-                    self.log.exception("component failed on intake", component_name=component.name)
+            await self._tell(lambda c: c.on_intake(result.recorded), "intake")
         if result.revoked:
-            for component in self._started:
-                try:
-                    await component.on_revoked(result.revoked)
-                except Exception:
-                    self.log.exception("component failed on a revocation", component_name=component.name)
+            await self._tell(lambda c: c.on_revoked(result.revoked), "a revocation")
         return True
+
+    async def _tell(self, hook, event: str) -> None:
+        """``hook(component)`` for every started component; one that fails is logged, the others still run."""
+        for component in self._started:
+            try:
+                await hook(component)
+            except Exception:
+                self.log.exception(f"component failed on {event}", component_name=component.name)
 
     async def _reload(self) -> None:
         self.log.info("reload requested", signal="SIGHUP")

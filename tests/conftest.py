@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 from atlasd.db.migrate import init_sdk_schema, migrate  # noqa: E402
+from atlasd.logging import configure_logging  # noqa: E402
 from atlasd.testing import pg  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, start_cluster, unavailable as slurm_unavailable  # noqa: E402
 
@@ -41,6 +43,12 @@ def bare_db_url() -> Iterator[str]:
     name = pg.create_database("atlasd_bare")
     yield pg.url_for(name)
     pg.drop_database(name)
+
+
+@pytest.fixture()
+def log_to_stdout() -> None:
+    """atlasd's logging on this test's stdout (not a stream an earlier test, or CLI test, closed)."""
+    configure_logging("json", "info", stream=sys.stdout)
 
 
 @pytest.fixture(scope="session")

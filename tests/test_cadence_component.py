@@ -4,7 +4,6 @@ timer; the clock is injected. (The daemon-level tests run `python -m atlasd run`
 from __future__ import annotations
 
 import asyncio
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,14 +14,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from atlasd import queue
 from atlasd.cadence import CadenceComponent
-from atlasd.logging import configure_logging
 from atlasd.settings import load_settings
 from tests.cadence_support import NO_SPLIT, Clock, record, utc
 
 
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stdout() -> None:
-    configure_logging("json", "info", stream=sys.stdout)  # not a stream an earlier CLI test closed
+pytestmark = pytest.mark.usefixtures("log_to_stdout")
 
 
 class FakeDaemon:

@@ -7,19 +7,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import yaml
 
 from atlasd.cli import main
 from atlasd.testing.daemon import DaemonProcess, wait_until
+from atlasd.testing.pg import sql
 from tests.test_policies import write_malformed_cases
 from tests.cadence_support import NO_SPLIT
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def approve(db_url: str, n: int, reward: float = 0.9) -> None:

@@ -18,12 +18,7 @@ from atlasd.listener import APPLICATION_NAME
 from atlasd.settings import load_settings
 from atlasd.testing.daemon import DaemonProcess, wait_until
 from atlasd.testing.sdk import sdk_write_sessions
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
+from atlasd.testing.pg import sql
 
 
 def intake_count(db_url: str) -> int:

@@ -34,6 +34,7 @@ from atlasd.status import collect_status
 from atlasd.testing import pg
 from atlasd.testing.daemon import DaemonProcess, wait_until
 from atlasd.testing.sdk import sdk_write_sessions
+from atlasd.testing.pg import sql
 from tests.test_service import NotifySocket, PgProxy, cli_status, scrape_fresh
 from tests.cadence_support import NO_SPLIT
 
@@ -47,12 +48,6 @@ def notify() -> Iterator[NotifySocket]:
     sock = NotifySocket()
     yield sock
     sock.close()
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def terminate(db: str | psycopg.Connection, where: str = ATLASD_APPS) -> list[str]:
@@ -383,6 +378,7 @@ def test_a_missing_or_disabled_notify_trigger_shows_in_status(db_url: str, tmp_p
         assert daemon.stop() == 0
 
 
+@pytest.mark.usefixtures("log_to_stdout")  # the daemon logs in this process
 def test_watchdog_is_withheld_only_for_a_part_that_stopped_retrying(monkeypatch, notify: NotifySocket) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
     daemon = Daemon(load_settings(reconnect_max_backoff_s=1))

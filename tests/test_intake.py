@@ -12,6 +12,7 @@ import pytest
 
 from atlasd import intake
 from atlasd.cli import main
+from atlasd.testing.pg import sql
 from tests.traces import arithmetic_session
 
 VALID_META = '{"learning_key": "math", "agent": "demo"}'
@@ -33,12 +34,6 @@ def add_sessions(db_url: str, n: int, *, status: str = "succeeded", review: str 
             [status, review, metadata, reward_stats, n],
         ).fetchall()
     return [r[0] for r in rows]
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 async def test_full_reconcile_records_only_ready_sessions_once(db_url: str, conn) -> None:

@@ -21,16 +21,11 @@ from atlasd.promotions import finalize_run, tag_taints
 from atlasd.runspec import manifest_path
 from atlasd.settings import load_settings
 from atlasd.testing.daemon import wait_until
+from atlasd.testing.pg import sql
 from tests.test_intake import add_sessions
 from tests.test_promotions import env  # noqa: F401 - fixture
 from tests.test_registry import make_run, tiny_student  # noqa: F401 - fixture
 from trainers.dataset import Example, save_examples
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def reconcile(db_url: str, ids: list[int] | None = None) -> intake.IntakeResult:

@@ -10,31 +10,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 
 from atlasd.health import Health
 from atlasd.listener import APPLICATION_NAME, CHANNEL, LIVENESS_TIMEOUT_S, NOTIFY_TRIGGERS, TRIGGER_STATES, Listener
-from atlasd.logging import configure_logging
 from atlasd.settings import load_settings
 from atlasd.testing import pg
+from atlasd.testing.pg import sql
 
 NOTIFY_TIMEOUT_S = 0.3  # quiet this long: the listener checks its connection (and sees `stopping`)
 
 
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stdout() -> None:
-    configure_logging("json", "info", stream=sys.stdout)  # not a stream an earlier test closed
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
+pytestmark = pytest.mark.usefixtures("log_to_stdout")
 
 
 def listener_backends(db_url: str) -> list[tuple[int, str]]:

@@ -34,14 +34,9 @@ from atlasd.lock import (
 )
 from atlasd.settings import load_settings
 from atlasd.testing.daemon import ROOT, wait_until
+from atlasd.testing.pg import sql
 
 HOST = socket.gethostname()
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def lock_holder(db_url: str) -> tuple[int, str] | None:

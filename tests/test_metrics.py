@@ -11,7 +11,6 @@ import contextlib
 import json
 import re
 import socket
-import sys
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,27 +22,19 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from atlasd.logging import configure_logging
 from atlasd.metrics import MetricsComponent, StatusCollector, families, registry_for
 from atlasd.settings import Settings, load_settings
 from atlasd.status import collect_status
 from atlasd.testing import pg
 from atlasd.testing.daemon import ROOT, wait_until
+from atlasd.testing.pg import sql
 from tests.cadence_support import NO_SPLIT
 
 APP = "atlasd-metrics"
 Samples = dict[tuple[str, frozenset], float]
 
 
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stdout() -> None:
-    configure_logging("json", "info", stream=sys.stdout)  # not a stream an earlier test closed
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
+pytestmark = pytest.mark.usefixtures("log_to_stdout")
 
 
 def metrics_backends(db_url: str) -> list[int]:

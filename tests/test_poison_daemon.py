@@ -9,11 +9,11 @@ import json
 import signal
 from pathlib import Path
 
-import psycopg
 import yaml
 
 from atlasd.cli import main
 from atlasd.testing.daemon import DaemonProcess, wait_until
+from atlasd.testing.pg import sql
 from tests.test_intake import TOO_SMALL
 from tests.test_policies import billion_laughs
 from tests.cadence_support import NO_SPLIT
@@ -31,12 +31,6 @@ POISON_SESSIONS = {
     '{"score": 1e400}': "reward_stats.score is outside [0, 1]",
     '{"score": "NaN"}': "reward_stats.score is missing or not a JSON number",
 }
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def approve(db_url: str, reward_stats: str) -> int:

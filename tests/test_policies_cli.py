@@ -8,11 +8,11 @@ import os
 import signal
 from pathlib import Path
 
-import psycopg
 import pytest
 import yaml
 
 from atlasd.cli import main
+from atlasd.testing.pg import sql
 from tests.cadence_support import NO_SPLIT
 from tests.test_policies import billion_laughs
 
@@ -25,12 +25,6 @@ GOOD = {
                "eval": NO_SPLIT},
     },
 }
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def record(db_url: str, n: int) -> None:

@@ -28,13 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from atlasd.settings import SettingsError, load_settings
 from atlasd.testing.daemon import ROOT, DaemonProcess, wait_until
+from atlasd.testing.pg import sql
 from tests.cadence_support import NO_SPLIT
-
-
-def sql(db_url: str, query: str, params: list | None = None) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 # ---------------------------------------------------------------- the systemd side of sd_notify

@@ -32,3 +32,10 @@ def create_database(prefix: str = "atlasd_test", template: str | None = None) ->
 def drop_database(name: str) -> None:
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def sql(url: str, query: str, params: list | None = None) -> list[tuple]:
+    """Run one statement in its own autocommit connection; its rows (none for a statement without)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
