@@ -21,7 +21,7 @@ from registry import CHAMPION, TAG_DECISION, TAG_PREVIOUS, NeedsGpu, RegistryErr
 from registry.gate import comparable, decide
 from registry.review import publish
 from registry.store import Registry, now_iso, summary_tags
-from registry.tracking import CHECKPOINT_ARTIFACT, log_run
+from registry.tracking import CHECKPOINT_ARTIFACT, VERSION_RUN_TAGS, log_run, run_tags
 
 Measure = Callable[[Path], EvalReport]
 SourceMode = Literal["artifacts", "path"]
@@ -136,13 +136,9 @@ def finalize(
     else:
         source = Path(result.checkpoint).resolve().as_uri()
     baseline = spec.targets.summarize(result.eval)  # the policy's targets, as the trainer's own summary
-    tags = summary_tags(result.eval, baseline) | {
-        "atlasd.gear": spec.gear, "atlasd.trigger": spec.trigger, "atlasd.config_hash": spec.config_hash(),
-        "atlasd.trace_window": f"({spec.traces.window_lo}, {spec.traces.window_hi}]",
-        "atlasd.n_traces": str(result.n_train), "atlasd.checkpoint_path": str(Path(result.checkpoint).resolve()),
-    }
-    if result.manifest_hash:
-        tags["atlasd.manifest_hash"] = result.manifest_hash
+    run = run_tags(spec, result)
+    tags = summary_tags(result.eval, baseline) | {k: run[k] for k in VERSION_RUN_TAGS if k in run} | {
+        "atlasd.checkpoint_path": str(Path(result.checkpoint).resolve())}
     mv = reg.register(name, spec.policy, source, mlflow_run_id, spec.run_id, tags)
     out["model_version"] = str(mv.version)
     champion = reg.alias(name, CHAMPION)

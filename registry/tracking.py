@@ -120,6 +120,11 @@ def result_metrics(result: RunResult) -> list[Metric]:
     return metrics
 
 
+# the MLflow run's tags its model version carries too (with the eval summary and the checkpoint path)
+VERSION_RUN_TAGS = ("atlasd.gear", "atlasd.trigger", "atlasd.config_hash", "atlasd.trace_window", "atlasd.n_traces",
+                    "atlasd.manifest_hash")
+
+
 def run_tags(spec: RunSpec, result: RunResult) -> dict[str, str]:
     tags = {
         TAG_RUN_ID: str(spec.run_id), TAG_POLICY: spec.policy, "atlasd.gear": spec.gear,
