@@ -157,6 +157,10 @@ def test_finalize_logs_registers_promotes_and_is_idempotent(tmp_path, store_dir,
     assert table["columns"] == ["prompt", "generation", "correct"] and len(table["data"]) == 4
     mv = client.get_model_version("atlasd-p1", "1")
     assert mv.run_id == run.info.run_id and mv.tags["atlasd.run_id"] == "1"
+    assert {k: mv.tags[k] for k in ("atlasd.gear", "atlasd.trigger", "atlasd.trace_window", "atlasd.n_traces",
+                                    "atlasd.config_hash")} == {k: run.data.tags[k] for k in (
+        "atlasd.gear", "atlasd.trigger", "atlasd.trace_window", "atlasd.n_traces", "atlasd.config_hash")}
+    assert mv.tags["atlasd.checkpoint_path"] == str((tmp_path / "run1" / "checkpoint").resolve())
     assert mv.tags["atlasd.decision"] == "promote" and json.loads(mv.tags["gate.success_delta"])["met"] is True
     assert float(mv.tags["eval.success_rate"]) == 0.8
     assert Path(mv.source).is_dir() and "artifacts/checkpoint" in mv.source  # the logged copy, not the run folder
