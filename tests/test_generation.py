@@ -90,16 +90,16 @@ def test_padded_vocabulary_rows_are_never_sampled(tiny_models):
 
 
 def test_checkpointing_switches_the_real_mechanism(tiny_models):
-    """set_checkpointing uses activation_checkpointing_* where transformers has it (>= 5.19) and
+    """set_activation_checkpointing uses activation_checkpointing_* where transformers has it (>= 5.19) and
     gradient_checkpointing_* otherwise (5.17/5.18, a stock CUDA image; not installed here, and in
     5.19+ the old names call the new ones, so only the new path runs in this test)."""
-    from trainers.generation import checkpointing, set_checkpointing
+    from trainers.generation import activation_checkpointing, set_activation_checkpointing
 
     model = load_causal_lm(tiny_models[1], CPU, torch.float32, trainable=True)
-    set_checkpointing(model, True)
-    assert checkpointing(model) and model.model.gradient_checkpointing
-    set_checkpointing(model, False)
-    assert not checkpointing(model) and not model.model.gradient_checkpointing
+    set_activation_checkpointing(model, True)
+    assert activation_checkpointing(model) and model.model.gradient_checkpointing
+    set_activation_checkpointing(model, False)
+    assert not activation_checkpointing(model) and not model.model.gradient_checkpointing
 
 
 def test_a_sampled_row_depends_on_its_seed_not_on_its_batch(tiny_models):

@@ -109,7 +109,7 @@ def cut_at_stop(rows: list[list[int]], stop: tuple[int, ...] | list[int]) -> lis
     return out
 
 
-def checkpointing(model) -> bool:
+def activation_checkpointing(model) -> bool:
     """Activation (gradient) checkpointing is on (transformers >= 5.19 name, else the older one)."""
     flag = getattr(model, "is_activation_checkpointing", None)
     if flag is None:
@@ -117,7 +117,7 @@ def checkpointing(model) -> bool:
     return bool(flag)
 
 
-def set_checkpointing(model, on: bool) -> None:
+def set_activation_checkpointing(model, on: bool) -> None:
     """Activation checkpointing on/off: ``activation_checkpointing_*`` (transformers >= 5.19) or
     ``gradient_checkpointing_*`` (every 5.x, deprecated from 5.19)."""
     new = hasattr(model, "activation_checkpointing_enable")
@@ -194,11 +194,11 @@ def hf_generate(model, prompts: list[list[int]], sampling: Sampling, *, device,
         pad_token_id=sampling.pad_id, eos_token_id=list(sampling.stop_ids),
     )
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
-    gc = checkpointing(hf_model)
+    gc = activation_checkpointing(hf_model)
     was_training = model.training
     own_config = hf_model.generation_config
     if gc:
-        set_checkpointing(hf_model, False)
+        set_activation_checkpointing(hf_model, False)
     model.eval()
     hf_model.generation_config = GenerationConfig()  # nothing inherited from generation_config.json
     try:
@@ -213,5 +213,5 @@ def hf_generate(model, prompts: list[list[int]], sampling: Sampling, *, device,
         if was_training:
             model.train()
         if gc:
-            set_checkpointing(hf_model, True)
+            set_activation_checkpointing(hf_model, True)
     return cut_at_stop(out[:, ids.shape[1]:].tolist(), sampling.stop_ids)

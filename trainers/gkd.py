@@ -71,7 +71,7 @@ from trainers.generation import (
     pad_left,
     request_seeds,
     sampling_for,
-    set_checkpointing,
+    set_activation_checkpointing,
 )
 from trainers.loss import Head, token_divergence
 from trainers.models import Precision, hf_model, is_peft, save_hf
@@ -230,11 +230,11 @@ class GKDTrainer:
         for name, module in student.named_modules():  # as GKDConfig.disable_dropout, LoRA dropout excepted
             if isinstance(module, torch.nn.Dropout) and "lora_" not in name:
                 module.p = 0.0
-        checkpointing = optim.gradient_checkpointing
-        if checkpointing is None:
-            checkpointing = device.type == "cuda" and not is_peft(student)
-        if checkpointing:
-            set_checkpointing(hf_model(student), True)
+        recompute = optim.gradient_checkpointing  # activation checkpointing, not the saved checkpoints below
+        if recompute is None:
+            recompute = device.type == "cuda" and not is_peft(student)
+        if recompute:
+            set_activation_checkpointing(hf_model(student), True)
         student.train()
         self.model = StudentLoss(student)
         self.teacher_hidden = TeacherHidden(teacher)
