@@ -200,10 +200,13 @@ def test_the_sharded_teacher_scores_and_samples_as_the_whole_one(tiny_models, tm
     alone scores and samples the same (the final evaluation), with no collective."""
     (tmp_path / "teacher_ranks.py").write_text(TEACHER_RANKS)
     teacher_path, _ = tiny_models
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.run([sys.executable, str(tmp_path / "teacher_ranks.py"), teacher_path, str(tmp_path)],
                           capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                               "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300)
+                                                               "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")},
+                          cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not list((tmp_path / "tmp").glob("torchelastic_*"))  # a launch leaves no log folder behind
     seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     print()
     for r, s in enumerate(seen):

@@ -68,11 +68,15 @@ def world_size(spec: RunSpec) -> int:
 def launch(world: int, entry: Callable[..., None], *args: Any) -> int:
     """Run ``entry(*args)`` in ``world`` ranks on this machine and wait; the exit status as the module
     docstring says. ``entry`` must be a module-level function (it is pickled to spawned processes)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"atlasd-{uuid.uuid4().hex[:12]}",
+        # no torchelastic_* folder per launch in /tmp: the ranks' output goes to the trainer's own
+        # stdout/stderr (no redirects), and the exit status comes from the processes, not error files
+        logs_specs=DefaultLogsSpecs(log_dir=os.devnull),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
         monitor_interval=0.2, signals_to_handle="SIGHUP,SIGQUIT",  # SIGTERM/SIGINT: the ranks' business
     )
