@@ -1,4 +1,4 @@
-"""Run faults (issue 12): the runner component in-process with its own connection pool on a real
+"""Run faults: the runner component in-process with its own connection pool on a real
 Postgres, and real trainer children: a stand-in for `python -m trainers run` (the real telemetry,
 checkpoints and result.json, in milliseconds) steered per run by ``$STANDIN_PLAN``. Faults are
 injected with SQL (pg_terminate_backend, ALLOW_CONNECTIONS false, triggers), /dev/full and
