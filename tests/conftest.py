@@ -60,6 +60,21 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(teacher), str(student)
 
 
+@pytest.fixture()
+def tiny_frozen(tiny_models: tuple[str, str]):
+    """The tiny models loaded for evaluation on CPU, fp32 and frozen, with 2 threads:
+    (tokenizer, student, teacher, device)."""
+    import torch
+
+    from trainers.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(2)
+    teacher_path, student_path = tiny_models
+    device = torch.device("cpu")
+    return (load_tokenizer(student_path), load_causal_lm(student_path, device, torch.float32, trainable=False),
+            load_causal_lm(teacher_path, device, torch.float32, trainable=False), device)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A real single-node Slurm for the session (tests/slurm_cluster.py); its client configuration

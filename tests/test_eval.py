@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from atlasd.runspec import EvalReport, Targets
 from trainers.dataset import Example, eval_set_hash
 from trainers.evaluate import evaluate
-from trainers.models import load_causal_lm, load_tokenizer
 
 
 def report(rate: float, tokens: float, n: int = 50) -> EvalReport:
@@ -51,13 +49,8 @@ def test_missing_measures_are_never_met():
     assert not s.meets_success_target and s.meets_token_target is False and not s.meets_all_targets
 
 
-def test_evaluate_tiny_model(tiny_models, tmp_path):
-    torch.set_num_threads(2)
-    teacher_path, student_path = tiny_models
-    tok = load_tokenizer(student_path)
-    device = torch.device("cpu")
-    student = load_causal_lm(student_path, device, torch.float32, trainable=False)
-    teacher = load_causal_lm(teacher_path, device, torch.float32, trainable=False)
+def test_evaluate_tiny_model(tiny_frozen, tmp_path):
+    tok, student, teacher, device = tiny_frozen
     examples = [Example(session_id=i, seq=i, prompt=[{"role": "system", "content": f"Task: {i} + 1?"}],
                         completion=f"Final Answer: {i + 1}", reference=str(i + 1)) for i in range(5)]
     always = lambda gen, ref: True  # noqa: E731

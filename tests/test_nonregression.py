@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import torch
 
 from atlasd.runspec import EXIT_OK, EvalReport, ProbeReport, RunResult, RunSpec, SliceResult, Targets
 from tests.test_registry import finalize_paths, make_run, store_dir, tracking_uri  # noqa: F401 - fixtures
@@ -118,17 +117,11 @@ def test_policy_probe_set_path_and_max_drift_need_a_probe_set(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def test_per_slice_success_and_probe_drift(tiny_models, tmp_path) -> None:
+def test_per_slice_success_and_probe_drift(tiny_frozen, tmp_path) -> None:
     from trainers.dataset import Example
     from trainers.evaluate import evaluate, evaluate_probe, load_probe_set
-    from trainers.models import load_causal_lm, load_tokenizer
 
-    torch.set_num_threads(2)
-    teacher_path, student_path = tiny_models
-    tok = load_tokenizer(student_path)
-    device = torch.device("cpu")
-    student = load_causal_lm(student_path, device, torch.float32, trainable=False)
-    teacher = load_causal_lm(teacher_path, device, torch.float32, trainable=False)
+    tok, student, teacher, device = tiny_frozen
     examples = [Example(session_id=i, seq=i, prompt=[{"role": "user", "content": f"{i} + 1?"}], completion="x",
                         reference="yes" if i in (0, 1, 2, 5) else "no", learning_key="math" if i < 4 else "code")
                 for i in range(7)]
