@@ -232,6 +232,20 @@ async def bench(args) -> int:
     return 0
 
 
+def fractions(text: str) -> list[float]:
+    """``--rehearsal``: comma-separated fractions in [0, 1), sorted, each once."""
+    out = set()
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number (expected e.g. 0,0.1,0.5)") from None
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: a rehearsal fraction is at least 0 and below 1")
+        out.add(value)
+    return sorted(out)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each child (default 2)")
@@ -239,7 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where the built models are kept between runs")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of every run (default 5e-4)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every run (default 400)")
-    parser.add_argument("--rehearsal", type=lambda v: sorted({float(x) for x in v.split(",")}),
+    parser.add_argument("--rehearsal", type=fractions,
                         default=[0.0, 0.1, 0.3, 0.5],
                         help="rehearsal fractions of the task-B runs, in order (default 0,0.1,0.3,0.5); those "
                              f"above {MUST_RUN:g} run only while no task-B run has been promoted")

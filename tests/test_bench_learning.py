@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from atlasd import evalsplit
 from atlasd.policies import parse_policy
 from bench import learning
@@ -23,6 +25,10 @@ def test_the_benchmark_policy_has_one_gear_per_rehearsal_fraction_and_one_eval_s
     assert spec.traces.rehearsal_fraction == 0.1 and spec.traces.learning_key is None
 
 
-def test_rehearsal_option_sorts_and_deduplicates() -> None:
+def test_rehearsal_option_sorts_deduplicates_and_names_a_bad_value(capsys) -> None:
     parser_args = learning.parse_args(["--rehearsal", "0.5,0,0.1,0.1"])
     assert parser_args.rehearsal == [0.0, 0.1, 0.5]
+    for bad, why in (("0,x", "'x' is not a number"), ("0,1", "'1': a rehearsal fraction is at least 0 and below 1")):
+        with pytest.raises(SystemExit):
+            learning.parse_args(["--rehearsal", bad])
+        assert why in capsys.readouterr().err
