@@ -136,17 +136,17 @@ class Loop:
         t0 = time.perf_counter()
         env = {**os.environ, "ATLASD_DB_URL": self.url, "OMP_NUM_THREADS": str(self.threads),
                "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with open(out / "trainer.log", "w") as log:
+        log_path = out / "trainer.log"  # its JSON lines (and stderr, which finalize skips) as the runner keeps them
+        with open(log_path, "w") as log:
             code = subprocess.call([sys.executable, "-m", "trainers", "run", str(spec_path)], env=env,
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
         if code != EXIT_OK:
-            raise RuntimeError(f"run {run_id}: the trainer exited {code}; see {out / 'trainer.log'}")
-        result_path, log_path = out / "result.json", out / "train.jsonl"
+            raise RuntimeError(f"run {run_id}: the trainer exited {code}; see {log_path}")
+        result_path = out / "result.json"
         outcome = await promotions.run_registry(
-            self.settings, "finalize", "--spec", str(spec_path), "--result", str(result_path),
-            "--artifact-root", str(self.work / "mlartifacts"), "--cache-dir", str(self.work / "registry-cache"),
-            *(["--log", str(log_path)] if log_path.exists() else []))
+            self.settings, "finalize", "--spec", str(spec_path), "--result", str(result_path), "--log", str(log_path),
+            "--artifact-root", str(self.work / "mlartifacts"), "--cache-dir", str(self.work / "registry-cache"))
         if outcome.code != EXIT_OK:
             raise RuntimeError(f"run {run_id}: registry finalize failed: {outcome.error}")
         result = RunResult.load(result_path)
